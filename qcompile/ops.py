@@ -1,0 +1,64 @@
+"""The op set of qcompile's IR, and what each op means.
+
+Semantics follow ONNX (numpy-style broadcasting) unless stated; every shape-like operand
+that ONNX passes as a tensor is a static attribute here. The frontends produce only these
+ops; the interpreter and every backend implement all of them (or raise UnsupportedOpError
+naming the node).
+
+Elementwise (inputs broadcast; outputs take the broadcast shape):
+  binary  Add Sub Mul Div Pow Max Min Equal Less Greater LessOrEqual GreaterOrEqual And Or
+  unary   Sqrt Erf Tanh Relu Sigmoid Exp Log Neg Abs Not Reciprocal IsNaN Identity
+  Where(cond, x, y)
+  Clip(x) attrs: min (float|None), max (float|None)
+  Gelu(x) attrs: approximate ("none"|"tanh")
+  Cast(x) attrs: to (numpy dtype name)
+
+Normalisation / reductions:
+  Softmax(x) attrs: axis
+  LayerNorm(x, scale, bias?) attrs: axis (normalised axes are axis..last), epsilon
+  ReduceMean ReduceSum ReduceMax ReduceMin ReduceL2 (x) attrs: axes (tuple), keepdims (bool)
+
+Linear algebra:
+  MatMul(a, b)                     numpy matmul semantics, both operands activations or one const
+  Linear(x, weight, bias?)         y = x @ weight + bias; weight const [K, N], bias const [N]
+  QLinear(x, qweight, scales, zeros?, bias?)
+      weight-only quantized Linear. qweight: packed uint8 constant carrying a QuantSpec with
+      logical_shape (K, N); scales float32 [N, G]; zeros float32 [N, G] (absent when
+      symmetric) where G = K / group_size (group_size 0 -> G = 1). attrs: bits, group_size,
+      symmetric. Dequantized weight: W[k, n] = (q[n, k] - zero[n, k // gs]) * scale[n, k // gs].
+  QGather(qtable, scales, zeros?, indices)
+      embedding lookup from a row-quantized table (logical shape [V, D], groups along D);
+      output = dequant(table)[indices].
+
+Data movement:
+  Reshape(x) attrs: shape (tuple of ints, fully resolved, no 0/-1)
+  Transpose(x) attrs: perm
+  Gather(data, indices) attrs: axis (negative indices wrap, as in ONNX)
+  Slice(x) attrs: starts, ends, axes, steps (tuples, already clamped to the shape)
+  Concat(*xs) attrs: axis
+  Expand(x) attrs: shape (the output shape)
+
+Convolution networks (NCHW):
+  Conv(x, w, b?) attrs: strides, pads (ONNX order), dilations, group
+  MaxPool AveragePool (x) attrs: kernel_shape, strides, pads
+  GlobalAveragePool(x)
+"""
+
+__all__ = ["ELEMENTWISE_BINARY", "ELEMENTWISE_UNARY", "REDUCTIONS", "ALL_OPS", "is_known_op"]
+
+ELEMENTWISE_BINARY = frozenset(
+    "Add Sub Mul Div Pow Max Min Equal Less Greater LessOrEqual GreaterOrEqual And Or".split()
+)
+ELEMENTWISE_UNARY = frozenset(
+    "Sqrt Erf Tanh Relu Sigmoid Exp Log Neg Abs Not Reciprocal IsNaN Identity".split()
+)
+REDUCTIONS = frozenset("ReduceMean ReduceSum ReduceMax ReduceMin ReduceL2".split())
+OTHER_OPS = frozenset(
+    """Where Clip Gelu Cast Softmax LayerNorm MatMul Linear QLinear QGather Reshape Transpose
+    Gather Slice Concat Expand Conv MaxPool AveragePool GlobalAveragePool""".split()
+)
+ALL_OPS = ELEMENTWISE_BINARY | ELEMENTWISE_UNARY | REDUCTIONS | OTHER_OPS
+
+
+def is_known_op(op: str) -> bool:
+    return op in ALL_OPS
