@@ -1,0 +1,164 @@
+"""Command line: parses arguments, then calls the Python API. Nothing else lives here.
+
+User errors (QCompileError) print one line ``qcompile: error: ...`` and exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .config import CompileConfig, parse_shape
+from .errors import InputError, QCompileError
+
+__all__ = ["main"]
+
+EXAMPLES = """\
+examples:
+  qcompile model.onnx --target llvm --bits 4 --group-size 32 -o out/
+  qcompile model.onnx --bits 16 --shape input_ids=1x128 --shape attention_mask=1x128 -o out_fp32/
+  qcompile run out/ --inputs in.npz --output result.npz
+  qcompile inspect out/
+  qcompile demo            # the embedded default model (all-MiniLM-L6-v2), end to end
+"""
+SUBCOMMANDS = ("compile", "run", "inspect", "demo")
+
+
+def _compile_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="qcompile", description="Compile a (quantized) neural network to a deployable artifact.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", help="ONNX model file")
+    p.add_argument("-o", "--output", required=True, help="artifact directory to write")
+    p.add_argument("--target", default="llvm", help="code generation target (default: llvm = this host)")
+    p.add_argument("--bits", type=int, default=4, help="weight bits: 2, 3, 4, 8, or 16 for no quantization (default 4)")
+    p.add_argument("--no-quant", action="store_true", help="same as --bits 16")
+    p.add_argument("--group-size", type=int, default=0, help="input channels per scale; 0 = per output channel")
+    p.add_argument("--symmetric", action="store_true", help="symmetric weight quantization (default asymmetric)")
+    p.add_argument("--embedding-bits", default="8", help="bits of quantized embedding tables: 8, 4 or none")
+    p.add_argument("--shape", action="append", default=[], metavar="NAME=D1xD2",
+                   help="bind a dynamic input shape, e.g. input_ids=1x128 (repeatable)")
+    p.add_argument("--inputs", help="npz of inputs for the compile-time accuracy check (default: synthesized)")
+    p.add_argument("--threads", type=int, default=None, help="runtime threads (default: all cores)")
+    p.add_argument("--no-verify", action="store_true", help="skip the compile-time accuracy check")
+    p.add_argument("-q", "--quiet", action="store_true")
+    return p
+
+
+def _load_npz(path: str) -> dict:
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError) as err:
+        raise InputError(f"{path}: cannot read inputs ({err})") from None
+
+
+def _cmd_compile(argv) -> int:
+    args = _compile_parser().parse_args(argv)
+    from .driver import compile as compile_model
+
+    emb = None if str(args.embedding_bits).lower() == "none" else _int_option("--embedding-bits", args.embedding_bits)
+    config = CompileConfig(
+        target=args.target, bits=16 if args.no_quant else args.bits, group_size=args.group_size,
+        symmetric=args.symmetric, embedding_bits=emb, shapes=dict(parse_shape(s) for s in args.shape),
+        num_threads=args.threads, verify=not args.no_verify,
+    )
+    eval_inputs = _load_npz(args.inputs) if args.inputs else None
+    art = compile_model(args.model, config, output=args.output, eval_inputs=eval_inputs)
+    print(_summary(art.manifest, args.output))
+    return 0
+
+
+def _int_option(flag: str, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise InputError(f"{flag} expects an integer (got '{text}')") from None
+
+
+def _summary(manifest: dict, out) -> str:
+    sizes = manifest["sizes"]
+    lines = [f"wrote {out}: target {manifest['target']}, weights {sizes['weights_bytes'] / 1e6:.2f} MB "
+             f"({sizes['weights_ratio']:.3f}x of fp32)"]
+    for name, acc in manifest.get("accuracy", {}).items():
+        if isinstance(acc, dict) and "compiled_vs_float" in acc:
+            c = acc["compiled_vs_float"]
+            lines.append(f"  {name}: cosine vs float {c.get('cosine')}, SQNR {c.get('sqnr_db')} dB "
+                         f"({manifest['accuracy']['inputs']} inputs)")
+    return "\n".join(lines)
+
+
+def _cmd_run(argv) -> int:
+    p = argparse.ArgumentParser(prog="qcompile run", description="Run a compiled artifact on inputs from an npz file.")
+    p.add_argument("artifact")
+    p.add_argument("--inputs", required=True, help="npz with one array per model input")
+    p.add_argument("--output", required=True, help="npz to write the outputs to")
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    import numpy as np
+
+    from .driver import load
+
+    model = load(args.artifact, num_threads=args.threads)
+    outputs = model.run(_load_npz(args.inputs))
+    np.savez(args.output, **outputs)
+    print(f"wrote {args.output}: " + ", ".join(f"{k} {list(v.shape)} {v.dtype}" for k, v in outputs.items()))
+    return 0
+
+
+def _cmd_inspect(argv) -> int:
+    p = argparse.ArgumentParser(prog="qcompile inspect", description="Show an artifact's manifest (verified).")
+    p.add_argument("artifact")
+    p.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+    args = p.parse_args(argv)
+    from .artifact import verify
+
+    manifest = verify(args.artifact)
+    if args.json:
+        print(json.dumps(manifest, indent=2, sort_keys=True))
+        return 0
+    print(_summary(manifest, args.artifact))
+    for io_kind in ("inputs", "outputs"):
+        for io in manifest[io_kind]:
+            print(f"  {io_kind[:-1]} {io['name']}: {io['dtype']}{io['shape']}")
+    recipe = manifest.get("recipe", [])
+    print(f"  quantized layers: {len(recipe)}")
+    for layer in recipe:
+        print(f"    {layer.get('node')}: {layer.get('op')} {layer.get('bits')}-bit group {layer.get('group_size')} "
+              f"{'sym' if layer.get('symmetric') else 'asym'} rel.err {layer.get('rel_error', float('nan')):.4f}")
+    print(f"  files: " + ", ".join(f"{k} ({v['bytes']} B, sha256 ok)" for k, v in manifest["files"].items()))
+    return 0
+
+
+def _cmd_demo(argv) -> int:
+    from qcompile.models.demo import main as demo_main
+
+    return demo_main(argv)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    quiet = "-q" in argv or "--quiet" in argv
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="[qcompile] %(message)s")
+    for noisy in ("tvm", "torch", "onnxscript", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    handlers = {"run": _cmd_run, "inspect": _cmd_inspect, "demo": _cmd_demo, "compile": _cmd_compile}
+    command = argv[0] if argv and argv[0] in SUBCOMMANDS else "compile"
+    rest = argv[1:] if argv and argv[0] in SUBCOMMANDS else argv
+    try:
+        return handlers[command](rest)
+    except QCompileError as err:
+        print(f"qcompile: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qcompile: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

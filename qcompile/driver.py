@@ -1,0 +1,270 @@
+"""``qcompile.compile`` and ``qcompile.load``: the end-to-end path.
+
+compile: import (ONNX file / ModelProto / torch.nn.Module) -> fold -> quantize (unless
+bits=16) -> lower + build for the target -> measure accuracy of the built library against
+the float reference interpreter -> write the artifact atomically (see artifact.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__, artifact
+from .config import CompileConfig
+from .errors import InputError, ModelFormatError
+from .ir import Graph
+
+__all__ = ["compile", "load", "Artifact", "CompiledModel", "import_model", "synthesize_inputs"]
+
+logger = logging.getLogger("qcompile")
+
+BACKENDS = {"llvm": "qcompile.backends.llvm"}
+LIBRARY = "model.so"
+
+
+@contextmanager
+def _phase(name: str, timings: dict):
+    start = time.perf_counter()
+    logger.info("%s ...", name)
+    yield
+    timings[name] = round(time.perf_counter() - start, 3)
+    logger.info("%s done in %.2f s", name, timings[name])
+
+
+# ---------------------------------------------------------------------------- import
+def import_model(model, shapes=None, example_inputs=None) -> tuple[Graph, str]:
+    """Return (IR graph, sha256 of the source model)."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        torch = None
+    if torch is not None and isinstance(model, torch.nn.Module):
+        from .frontends.torch_frontend import load_torch, module_sha256
+
+        if example_inputs is None:
+            raise InputError("compiling a torch.nn.Module needs example_inputs=(tensor, ...)")
+        return load_torch(model, example_inputs), module_sha256(model)
+    from .frontends.onnx_frontend import load_onnx
+
+    if isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        if not path.is_file():
+            raise ModelFormatError(f"{path}: no such model file")
+        digest = artifact.sha256_file(path)
+        return load_onnx(path, shapes=shapes), digest
+    if hasattr(model, "SerializeToString"):
+        return load_onnx(model, shapes=shapes), hashlib.sha256(model.SerializeToString()).hexdigest()
+    raise InputError(f"cannot compile an object of type {type(model).__name__}: pass an ONNX path, ModelProto or torch.nn.Module")
+
+
+# ---------------------------------------------------------------------------- inputs
+def synthesize_inputs(graph: Graph, seed: int = 0) -> dict[str, np.ndarray]:
+    """Deterministic inputs for the compile-time accuracy check.
+
+    Float inputs are standard normal; integer inputs that index a Gather/QGather table are
+    uniform over the table's rows; other integer inputs (masks, type ids) are 1.
+    """
+    rng = np.random.default_rng(seed)
+    bounds = _index_bounds(graph)
+    feeds = {}
+    for name in graph.inputs:
+        t = graph.type_of(name)
+        if np.issubdtype(np.dtype(t.dtype), np.floating):
+            feeds[name] = rng.standard_normal(t.shape).astype(t.dtype)
+        elif name in bounds:
+            feeds[name] = rng.integers(0, bounds[name], size=t.shape).astype(t.dtype)
+        else:
+            feeds[name] = np.ones(t.shape, dtype=t.dtype)
+    return feeds
+
+
+def _index_bounds(graph: Graph) -> dict[str, int]:
+    bounds = {}
+    for node in graph.nodes:
+        if node.op == "Gather" and node.attrs.get("axis", 0) == 0:
+            bounds[node.inputs[1]] = graph.type_of(node.inputs[0]).shape[0]
+        elif node.op == "QGather":
+            bounds[node.inputs[-1]] = graph.values[node.inputs[0]].quant.logical_shape[0]
+    return {k: v for k, v in bounds.items() if k in graph.inputs}
+
+
+def _check_feeds(graph: Graph, feeds: dict) -> dict:
+    missing = [n for n in graph.inputs if n not in feeds]
+    if missing:
+        raise InputError(f"missing input(s): {', '.join(missing)} (model inputs: {', '.join(graph.inputs)})")
+    return {n: np.asarray(feeds[n]) for n in graph.inputs}
+
+
+# ---------------------------------------------------------------------------- passes
+def _optimize(graph: Graph, config: CompileConfig) -> tuple[Graph, Graph]:
+    """Return (float graph after folding, graph to build)."""
+    from qcompile.passes.fold_linear import FoldLinearPass
+
+    float_graph = FoldLinearPass()(graph).graph
+    if not config.quantize:
+        return float_graph, float_graph
+    from qcompile.passes.quant_config import WeightQuantConfig
+    from qcompile.passes.quantize_weights import QuantizeWeightsPass
+
+    wq = WeightQuantConfig(
+        bits=config.bits, group_size=config.group_size, symmetric=config.symmetric,
+        embedding_bits=config.embedding_bits,
+    )
+    return float_graph, QuantizeWeightsPass(wq)(float_graph).graph
+
+
+def _layer_report(float_graph: Graph, quant_graph: Graph, feeds: dict) -> list[dict]:
+    """Per quantized layer: error of the fake-quant output against the float output."""
+    from .interpreter import run
+    from .metrics import compare
+
+    ref = run(float_graph, feeds, keep_all=True)
+    fq = run(quant_graph, feeds, keep_all=True)
+    layers = []
+    for node in quant_graph.nodes:
+        if node.op in ("QLinear", "QGather", "Linear", "MatMul"):
+            out = node.outputs[0]
+            if out in ref and out in fq:
+                layers.append({"node": node.name, "op": node.op, "output": out, **compare(ref[out], fq[out])})
+    return layers, {n: ref[n] for n in float_graph.outputs}, {n: fq[n] for n in quant_graph.outputs}
+
+
+# ---------------------------------------------------------------------------- compile
+def compile(model, config: CompileConfig | None = None, *, output=None, example_inputs=None,
+            eval_inputs: dict | None = None, **overrides) -> "Artifact":
+    """Compile ``model`` for ``config.target`` and write the artifact to ``output``.
+
+    ``model``: path to an ONNX file, an ``onnx.ModelProto`` or a ``torch.nn.Module`` (then
+    ``example_inputs`` is required; it is captured with ``torch.export``). Keyword
+    overrides are CompileConfig fields (``bits=4, group_size=32, ...``).
+    ``eval_inputs``: inputs for the compile-time accuracy check (default: synthesized).
+    """
+    config = replace(config or CompileConfig(), **overrides) if overrides else (config or CompileConfig())
+    if output is None:
+        raise InputError("compile needs output=DIRECTORY for the artifact")
+    timings: dict[str, float] = {}
+    with _phase("import", timings):
+        graph, model_sha = import_model(model, config.shapes, example_inputs)
+    with _phase("passes", timings):
+        float_graph, graph = _optimize(graph, config)
+    backend = importlib.import_module(BACKENDS[config.target])
+    with artifact.staging_dir(Path(output)) as stage:
+        with _phase("build", timings):
+            executable = backend.build(graph, backend.host_target(config.num_threads))
+            backend.export_library(executable, stage / LIBRARY)
+        report = {"timings_s": timings}
+        accuracy = {}
+        if config.verify:
+            with _phase("verify", timings):
+                feeds = _check_feeds(graph, eval_inputs) if eval_inputs is not None else synthesize_inputs(graph)
+                layers, ref_out, fq_out = _layer_report(float_graph, graph, feeds)
+                compiled = CompiledModel(stage / LIBRARY, graph.inputs, graph.outputs, config.num_threads)
+                got = compiled.run(feeds)
+                accuracy = _accuracy(ref_out, fq_out, got, eval_inputs is None)
+                report["layers"] = layers
+        report.update(_sizes(float_graph, graph))
+        report["recipe"] = graph.metadata.get("quant_recipe", [])
+        artifact.write_json(stage / "report.json", report)
+        manifest = _manifest(graph, config, model_sha, accuracy, report, stage)
+        artifact.write_json(stage / artifact.MANIFEST, manifest)
+    logger.info("wrote %s", output)
+    return Artifact(Path(output), manifest)
+
+
+def _accuracy(ref_out, fq_out, got, synthetic: bool) -> dict:
+    from .metrics import compare
+
+    acc = {"inputs": "synthetic" if synthetic else "user"}
+    for name in ref_out:
+        acc[name] = {
+            "compiled_vs_float": compare(ref_out[name], got[name]),
+            "fake_quant_vs_float": compare(ref_out[name], fq_out[name]),
+            "compiled_vs_fake_quant": compare(fq_out[name], got[name]),
+        }
+    return acc
+
+
+def _sizes(float_graph: Graph, graph: Graph) -> dict:
+    fp32 = float_graph.weight_bytes()
+    packed = graph.weight_bytes()
+    return {"sizes": {"weights_fp32_bytes": fp32, "weights_bytes": packed,
+                      "weights_ratio": round(packed / fp32, 4) if fp32 else 1.0}}
+
+
+def _io_spec(graph: Graph, names) -> list[dict]:
+    return [{"name": n, "shape": list(graph.type_of(n).shape), "dtype": graph.type_of(n).dtype} for n in names]
+
+
+def _manifest(graph, config, model_sha, accuracy, report, stage) -> dict:
+    import tvm
+
+    return {
+        "format_version": artifact.FORMAT_VERSION,
+        "qcompile_version": __version__,
+        "tvm_version": tvm.__version__,
+        "source_model_sha256": model_sha,
+        "target": config.target,
+        "config": config.to_json(),
+        "recipe": report["recipe"],
+        "inputs": _io_spec(graph, graph.inputs),
+        "outputs": _io_spec(graph, graph.outputs),
+        "library": LIBRARY,
+        "files": artifact.file_entries(stage, [LIBRARY, "report.json"]),
+        "sizes": report["sizes"],
+        "accuracy": accuracy,
+    }
+
+
+# ---------------------------------------------------------------------------- load
+class CompiledModel:
+    """A built model library, callable with numpy arrays."""
+
+    def __init__(self, library: Path, input_names, output_names, num_threads=None):
+        from qcompile.backends.runtime import HostModule
+
+        self.input_names = list(input_names)
+        self.output_names = list(output_names)
+        self._module = HostModule(str(library), self.input_names, self.output_names, num_threads=num_threads)
+
+    def run(self, feeds: dict) -> dict[str, np.ndarray]:
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise InputError(f"missing input(s): {', '.join(missing)} (model inputs: {', '.join(self.input_names)})")
+        return self._module({n: np.ascontiguousarray(feeds[n]) for n in self.input_names})
+
+    def __call__(self, *args, **kwargs):
+        feeds = dict(zip(self.input_names, args))
+        feeds.update(kwargs)
+        outs = self.run(feeds)
+        values = [outs[n] for n in self.output_names]
+        return values[0] if len(values) == 1 else tuple(values)
+
+
+class Artifact:
+    def __init__(self, path: Path, manifest: dict):
+        self.path = Path(path)
+        self.manifest = manifest
+
+    def load(self, num_threads=None) -> CompiledModel:
+        return load(self.path, num_threads=num_threads)
+
+    def __repr__(self):
+        return f"Artifact('{self.path}', target={self.manifest['target']})"
+
+
+def load(path, num_threads=None) -> CompiledModel:
+    """Verify the artifact's hashes, then load its library; returns a numpy callable."""
+    manifest = artifact.verify(path)
+    names = lambda key: [io["name"] for io in manifest[key]]  # noqa: E731
+    model = CompiledModel(Path(path) / manifest["library"], names("inputs"), names("outputs"), num_threads)
+    model.manifest = manifest
+    return model
