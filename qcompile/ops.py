@@ -28,7 +28,8 @@ Linear algebra:
       symmetric. Dequantized weight: W[k, n] = (q[n, k] - zero[n, k // gs]) * scale[n, k // gs].
   QGather(qtable, scales, zeros?, indices)
       embedding lookup from a row-quantized table (logical shape [V, D], groups along D);
-      output = dequant(table)[indices].
+      output = dequant(table)[indices]. Packing: qtable uint8 [V, ceil(D*bits/8)] and
+      scales/zeros [V, G], i.e. quant.pack_codes with rows = V and the packed axis = D.
 
 Data movement:
   Reshape(x) attrs: shape (tuple of ints, fully resolved, no 0/-1)

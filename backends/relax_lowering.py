@@ -1,0 +1,496 @@
+"""Lower a qcompile IR :class:`~qcompile.ir.Graph` to a TVM Relax ``IRModule``.
+
+Shared by every target: nothing here is specific to one CPU. The target is only handed
+through to the kernel builders of :mod:`qcompile.backends.kernels`.
+
+Contract of the returned module:
+
+1. ``main`` takes ``graph.inputs`` in order, each a ``R.Tensor`` of the IR's static
+   shape and dtype, and ALWAYS returns a ``R.Tuple`` of ``graph.outputs`` in order (also
+   for one output). :class:`qcompile.backends.runtime.HostModule` hides the tuple.
+2. Constants are embedded as Relax constants, so the built library carries the weights.
+   Packed low-bit weights (uint8, with a QuantSpec) stay packed: a 4-bit weight takes
+   half a byte per element in the library.
+3. Matrix products call destination-passing, already scheduled PrimFuncs (attr
+   ``tirx.is_scheduled``) marked ``op_pattern`` = opaque, so ``FuseOps`` leaves them whole.
+   Every other op is a ``relax.op.*`` call that the target's pipeline legalizes, fuses
+   and schedules.
+4. Every emitted value is checked against the IR's declared shape and dtype.
+
+An op, or an attribute value, with no lowering raises :class:`UnsupportedOpError`
+naming the op, the node and the reason.
+"""
+
+from __future__ import annotations
+
+import math
+from types import MappingProxyType
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from qcompile.errors import InvariantError, UnsupportedOpError
+from qcompile.ir import Graph, Node
+
+
+__all__ = ["lower_graph", "SUPPORTED_OPS"]
+
+R = relax.op
+OPAQUE = 8  # relax OpPatternKind::kOpaque
+
+
+def lower_graph(graph: Graph, target: tvm.target.Target) -> tvm.IRModule:
+    """Build the Relax module of ``graph`` (see the module docstring for its contract)."""
+    bb = relax.BlockBuilder()
+    params = [relax.Var(_safe(n), relax.TensorType(graph.type_of(n).shape, graph.type_of(n).dtype))
+              for n in graph.inputs]
+    with bb.function("main", params):
+        with bb.dataflow():
+            ctx = _Ctx(bb, graph, target, dict(zip(graph.inputs, params)))
+            for node in graph.nodes:
+                ctx.lower_node(node)
+            out = bb.emit_output(relax.Tuple([ctx.get(n) for n in graph.outputs]))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c == "_" else "_" for c in name) or "v"
+
+
+class _Ctx:
+    """State of one lowering: the value environment and a cache of kernel GlobalVars."""
+
+    def __init__(self, bb, graph, target, env):
+        self.bb, self.graph, self.target, self.env = bb, graph, target, env
+        self._kernels: dict[tuple, relax.GlobalVar] = {}
+
+    # -- values ----------------------------------------------------------------
+    def get(self, name: str):
+        if name not in self.env:
+            if not self.graph.is_constant(name):
+                raise InvariantError(f"value '{name}' used before definition")
+            self.env[name] = relax.const(self.graph.constants[name])
+        return self.env[name]
+
+    def emit(self, expr):
+        return self.bb.emit(expr)
+
+    def lower_node(self, node: Node) -> None:
+        rule = _RULES.get(node.op)
+        if rule is None:
+            raise UnsupportedOpError(node.op, node.name, "no Relax lowering for this op")
+        fn, allowed = rule
+        extra = set(node.attrs) - allowed
+        if extra:
+            raise UnsupportedOpError(node.op, node.name, f"unknown attribute(s) {sorted(extra)}")
+        result = fn(self, node)
+        results = result if isinstance(result, (list, tuple)) else [result]
+        for name, value in zip(node.outputs, results):
+            self._check(node, name, value)
+            self.env[name] = value
+
+    def _check(self, node, name, value):
+        want = self.graph.type_of(name)
+        ty = value.ty
+        got = tuple(int(d) for d in ty.shape)
+        if got != tuple(want.shape) or str(ty.dtype) != want.dtype:
+            raise InvariantError(f"node '{node.name}' ({node.op}): lowered '{name}' is {ty.dtype}{list(got)}, "
+                                 f"IR declares {want.dtype}{list(want.shape)}")
+
+    # -- kernels ---------------------------------------------------------------
+    def call_kernel(self, builder: str, params: tuple, args, out_shape, out_dtype="float32"):
+        key = (builder, params)
+        gvar = self._kernels.get(key)
+        if gvar is None:
+            func = getattr(_kernel_module(), builder)(*params, self.target)
+            func = func.with_attr("op_pattern", OPAQUE)
+            if func.attrs is not None and "tir.is_scheduled" in func.attrs:  # dlight reads the tirx name
+                func = func.with_attr("tirx.is_scheduled", True)
+            gvar = self.bb.add_func(func, f"{builder.replace('_kernel', '')}_{len(self._kernels)}")
+            self._kernels[key] = gvar
+        return self.emit(relax.call_tir(gvar, args, relax.TensorType(out_shape, out_dtype)))
+
+
+def _kernel_module():
+    """backends.kernels (scheduled kernels) when present, else the plain TE fallbacks below."""
+    try:
+        from . import kernels
+    except ImportError:
+        return _fallback
+    return kernels
+
+
+def _shape(x) -> tuple[int, ...]:
+    return tuple(int(d) for d in x.ty.shape)
+
+
+def _attr(node, key, default=None):
+    return node.attrs.get(key, default)
+
+
+# ---------------------------------------------------------------------------- elementwise
+_BINARY = {
+    "Add": R.add, "Sub": R.subtract, "Mul": R.multiply, "Div": R.divide, "Pow": R.power,
+    "Max": R.maximum, "Min": R.minimum, "Equal": R.equal, "Less": R.less, "Greater": R.greater,
+    "LessOrEqual": R.less_equal, "GreaterOrEqual": R.greater_equal,
+    "And": R.logical_and, "Or": R.logical_or,
+}
+_UNARY = {
+    "Sqrt": R.sqrt, "Erf": R.erf, "Tanh": R.tanh, "Relu": R.nn.relu, "Sigmoid": R.sigmoid,
+    "Exp": R.exp, "Log": R.log, "Neg": R.negative, "Abs": R.abs, "Not": R.logical_not,
+    "IsNaN": R.isnan,
+}
+
+
+def _binary(ctx, node):
+    return ctx.emit(_BINARY[node.op](ctx.get(node.inputs[0]), ctx.get(node.inputs[1])))
+
+
+def _unary(ctx, node):
+    return ctx.emit(_UNARY[node.op](ctx.get(node.inputs[0])))
+
+
+def _identity(ctx, node):
+    return ctx.get(node.inputs[0])
+
+
+def _reciprocal(ctx, node):
+    x = ctx.get(node.inputs[0])
+    return ctx.emit(R.divide(relax.const(1, str(x.ty.dtype)), x))
+
+
+def _where(ctx, node):
+    return ctx.emit(R.where(*(ctx.get(n) for n in node.inputs)))
+
+
+def _clip(ctx, node):
+    x = ctx.get(node.inputs[0])
+    dtype = str(x.ty.dtype)
+    lo, hi = _attr(node, "min"), _attr(node, "max")
+    if lo is not None:
+        x = ctx.emit(R.maximum(x, relax.const(lo, dtype)))
+    if hi is not None:
+        x = ctx.emit(R.minimum(x, relax.const(hi, dtype)))
+    return x
+
+
+def _gelu(ctx, node):
+    approx = _attr(node, "approximate", "none")
+    if approx not in ("none", "tanh"):
+        raise UnsupportedOpError(node.op, node.name, f"approximate={approx!r}")
+    x = ctx.get(node.inputs[0])
+    return ctx.emit(R.nn.gelu(x) if approx == "none" else R.nn.gelu_tanh(x))
+
+
+def _cast(ctx, node):
+    return ctx.emit(R.astype(ctx.get(node.inputs[0]), str(np.dtype(node.attrs["to"]))))
+
+
+# ---------------------------------------------------------------------------- reductions
+def _softmax(ctx, node):
+    return ctx.emit(R.nn.softmax(ctx.get(node.inputs[0]), axis=int(_attr(node, "axis", -1))))
+
+
+def _layer_norm(ctx, node):
+    x, scale = ctx.get(node.inputs[0]), ctx.get(node.inputs[1])
+    rank = len(_shape(x))
+    axis = int(_attr(node, "axis", -1)) % rank
+    has_bias = len(node.inputs) > 2 and node.inputs[2]
+    bias = ctx.get(node.inputs[2]) if has_bias else relax.const(np.zeros(_shape(scale), str(scale.ty.dtype)))
+    eps = float(_attr(node, "epsilon", 1e-5))
+    return ctx.emit(R.nn.layer_norm(x, scale, bias, axes=list(range(axis, rank)), epsilon=eps))
+
+
+_REDUCE = {"ReduceMean": R.mean, "ReduceSum": R.sum, "ReduceMax": R.max, "ReduceMin": R.min}
+
+
+def _reduce(ctx, node):
+    x = ctx.get(node.inputs[0])
+    axes = _attr(node, "axes")
+    axes = list(range(len(_shape(x)))) if not axes else [int(a) for a in axes]
+    keep = bool(_attr(node, "keepdims", True))
+    if node.op == "ReduceL2":
+        return ctx.emit(R.sqrt(ctx.emit(R.sum(ctx.emit(R.multiply(x, x)), axes, keep))))
+    return ctx.emit(_REDUCE[node.op](x, axes, keep))
+
+
+# ---------------------------------------------------------------------------- data movement
+def _reshape(ctx, node):
+    return ctx.emit(R.reshape(ctx.get(node.inputs[0]), tuple(int(d) for d in node.attrs["shape"])))
+
+
+def _transpose(ctx, node):
+    perm = _attr(node, "perm")
+    return ctx.emit(R.permute_dims(ctx.get(node.inputs[0]), None if perm is None else [int(p) for p in perm]))
+
+
+def _gather(ctx, node):
+    data, idx = ctx.get(node.inputs[0]), ctx.get(node.inputs[1])
+    axis = int(_attr(node, "axis", 0)) % len(_shape(data))
+    # "wrap" is i mod bound: the ONNX meaning of -bound <= i < 0, and never a read out of bounds
+    return ctx.emit(R.take(data, idx, axis=axis, mode="wrap"))
+
+
+def _wrap_index(ctx, idx, bound: int):
+    """i mod bound: ONNX's meaning of negative indices; out-of-range ids cannot read out of bounds."""
+    return ctx.emit(R.floor_mod(idx, relax.const(bound, str(idx.ty.dtype))))
+
+
+def _slice(ctx, node):
+    x = ctx.get(node.inputs[0])
+    axes = [int(a) for a in node.attrs["axes"]]
+    steps = [int(s) for s in _attr(node, "steps", None) or [1] * len(axes)]
+    return ctx.emit(R.strided_slice(x, axes, [int(s) for s in node.attrs["starts"]],
+                                    [int(e) for e in node.attrs["ends"]], steps, assume_inbound=True))
+
+
+def _concat(ctx, node):
+    return ctx.emit(R.concat([ctx.get(n) for n in node.inputs if n], axis=int(node.attrs["axis"])))
+
+
+def _expand(ctx, node):
+    shape = tuple(int(d) for d in node.attrs["shape"])
+    x = ctx.get(node.inputs[0])
+    return x if _shape(x) == shape else ctx.emit(R.broadcast_to(x, shape))
+
+
+# ---------------------------------------------------------------------------- linear algebra
+def _as_matrix(ctx, x):
+    """x[..., k] -> (x[m, k], leading dims)."""
+    shape = _shape(x)
+    m = math.prod(shape[:-1])
+    return (x if len(shape) == 2 else ctx.emit(R.reshape(x, (m, shape[-1])))), shape[:-1]
+
+
+def _restore(ctx, y, lead, n):
+    return y if len(lead) == 1 else ctx.emit(R.reshape(y, (*lead, n)))
+
+
+def _linear(ctx, node):
+    x, lead = _as_matrix(ctx, ctx.get(node.inputs[0]))
+    w = ctx.get(node.inputs[1])
+    (m, k), n = _shape(x), _shape(w)[1]
+    args = [x, w]
+    if len(node.inputs) > 2 and node.inputs[2]:
+        args.append(ctx.get(node.inputs[2]))
+    y = ctx.call_kernel("linear_kernel", (m, k, n, len(args) == 3), args, (m, n))
+    return _restore(ctx, y, lead, n)
+
+
+def _qlinear(ctx, node):
+    x, lead = _as_matrix(ctx, ctx.get(node.inputs[0]))
+    spec = ctx.graph.values[node.inputs[1]].quant
+    if spec is None or spec.packing != "n_major_lsb_first":
+        raise UnsupportedOpError(node.op, node.name, "qweight needs a QuantSpec with packing n_major_lsb_first")
+    k, n = spec.logical_shape
+    bits, gs, sym = int(node.attrs["bits"]), int(node.attrs.get("group_size", 0)), bool(node.attrs["symmetric"])
+    ins = list(node.inputs) + [""] * (5 - len(node.inputs))
+    _check_zeros(node, ins[3], sym)
+    args = [x, ctx.get(ins[1]), ctx.get(ins[2])]
+    if not sym:
+        args.append(ctx.get(ins[3]))
+    has_bias = bool(ins[4])
+    if has_bias:
+        args.append(ctx.get(ins[4]))
+    y = ctx.call_kernel("qlinear_kernel", (_shape(x)[0], k, n, bits, gs, sym, has_bias), args, (_shape(x)[0], n))
+    return _restore(ctx, y, lead, n)
+
+
+def _qgather(ctx, node):
+    spec = ctx.graph.values[node.inputs[0]].quant
+    if spec is None or spec.packing != "n_major_lsb_first":
+        raise UnsupportedOpError(node.op, node.name, "qtable needs a QuantSpec with packing n_major_lsb_first")
+    v, d = spec.logical_shape
+    bits, gs, sym = int(node.attrs["bits"]), int(node.attrs.get("group_size", 0)), bool(node.attrs["symmetric"])
+    idx = ctx.get(node.inputs[-1])
+    idx_shape = _shape(idx)
+    count = math.prod(idx_shape)
+    idx = ctx.emit(R.astype(idx, "int64")) if str(idx.ty.dtype) != "int64" else idx
+    idx = _wrap_index(ctx, ctx.emit(R.reshape(idx, (count,))), v)
+    _check_zeros(node, node.inputs[2] if len(node.inputs) == 4 else "", sym)
+    args = [ctx.get(node.inputs[0]), ctx.get(node.inputs[1])]
+    if not sym:
+        args.append(ctx.get(node.inputs[2]))
+    y = ctx.call_kernel("qgather_kernel", (v, d, count, bits, gs, sym), args + [idx], (count, d))
+    return ctx.emit(R.reshape(y, (*idx_shape, d)))
+
+
+def _check_zeros(node, zeros: str, symmetric: bool) -> None:
+    """Optional inputs are positional ("" when absent): zeros present iff asymmetric."""
+    if bool(zeros) == symmetric:
+        state = "has" if zeros else "lacks"
+        raise UnsupportedOpError(node.op, node.name, f"symmetric={symmetric} but the node {state} a zeros input")
+
+
+def _matmul(ctx, node):
+    a, b = ctx.get(node.inputs[0]), ctx.get(node.inputs[1])
+    if str(a.ty.dtype) != "float32" or str(b.ty.dtype) != "float32":
+        raise UnsupportedOpError(node.op, node.name, "MatMul is lowered for float32 operands only")
+    sa, sb = _shape(a), _shape(b)
+    if len(sa) == 1:
+        a, sa = ctx.emit(R.reshape(a, (1, sa[0]))), (1, sa[0])
+    if len(sb) == 1:
+        b, sb = ctx.emit(R.reshape(b, (sb[0], 1))), (sb[0], 1)
+    out_shape = tuple(ctx.graph.type_of(node.outputs[0]).shape)
+    (m, k), n = sa[-2:], sb[-1]
+    if math.prod(sb[:-2]) == 1:  # b is one matrix: fold a's batch into its rows
+        x, _ = _as_matrix(ctx, a)
+        w = b if len(sb) == 2 else ctx.emit(R.reshape(b, (k, n)))
+        y = ctx.call_kernel("linear_kernel", (_shape(x)[0], k, n, False), [x, w], (_shape(x)[0], n))
+    else:
+        batch = tuple(np.broadcast_shapes(sa[:-2], sb[:-2]))
+        count = math.prod(batch)
+        a3 = _batched(ctx, a, batch, (m, k), count)
+        b3 = _batched(ctx, b, batch, (k, n), count)
+        y = ctx.call_kernel("batch_matmul_kernel", (count, m, k, n), [a3, b3], (count, m, n))
+    return ctx.emit(R.reshape(y, out_shape)) if _shape(y) != out_shape else y
+
+
+def _batched(ctx, x, batch, mat, count):
+    if _shape(x)[:-2] != batch:
+        x = ctx.emit(R.broadcast_to(x, (*batch, *mat)))
+    return x if len(_shape(x)) == 3 and _shape(x)[0] == count else ctx.emit(R.reshape(x, (count, *mat)))
+
+
+# ---------------------------------------------------------------------------- convolution
+def _pair(node, key, default, count=2):
+    value = tuple(int(v) for v in (_attr(node, key) or default))
+    if len(value) != count:
+        raise UnsupportedOpError(node.op, node.name, f"{key}={list(value)}: only 2-D (NCHW) is lowered")
+    return value
+
+
+def _conv(ctx, node):
+    x, w = ctx.get(node.inputs[0]), ctx.get(node.inputs[1])
+    if len(_shape(x)) != 4:
+        raise UnsupportedOpError(node.op, node.name, "only 2-D (NCHW) convolution is lowered")
+    y = ctx.emit(R.nn.conv2d(x, w, strides=_pair(node, "strides", (1, 1)),
+                             padding=_pair(node, "pads", (0, 0, 0, 0), 4),
+                             dilation=_pair(node, "dilations", (1, 1)), groups=int(_attr(node, "group", 1))))
+    if len(node.inputs) > 2 and node.inputs[2]:
+        bias = ctx.emit(R.reshape(ctx.get(node.inputs[2]), (1, -1, 1, 1)))
+        y = ctx.emit(R.add(y, bias))
+    return y
+
+
+def _pool(ctx, node):
+    x = ctx.get(node.inputs[0])
+    if len(_shape(x)) != 4:
+        raise UnsupportedOpError(node.op, node.name, "only 2-D (NCHW) pooling is lowered")
+    kernel = _pair(node, "kernel_shape", ())
+    kw = dict(pool_size=kernel, strides=_pair(node, "strides", (1, 1)),
+              padding=_pair(node, "pads", (0, 0, 0, 0), 4), ceil_mode=bool(_attr(node, "ceil_mode", 0)))
+    if node.op == "MaxPool":
+        return ctx.emit(R.nn.max_pool2d(x, **kw))
+    return ctx.emit(R.nn.avg_pool2d(x, count_include_pad=bool(_attr(node, "count_include_pad", 0)), **kw))
+
+
+def _global_avg_pool(ctx, node):
+    x = ctx.get(node.inputs[0])
+    return ctx.emit(R.mean(x, list(range(2, len(_shape(x)))), keepdims=True))
+
+
+_POOL_ATTRS = {"kernel_shape", "strides", "pads", "ceil_mode", "count_include_pad"}
+_RULES = MappingProxyType({
+    **{op: (_binary, frozenset()) for op in _BINARY},
+    **{op: (_unary, frozenset()) for op in _UNARY},
+    "Identity": (_identity, frozenset()),
+    "Reciprocal": (_reciprocal, frozenset()),
+    "Where": (_where, frozenset()),
+    "Clip": (_clip, frozenset({"min", "max"})),
+    "Gelu": (_gelu, frozenset({"approximate"})),
+    "Cast": (_cast, frozenset({"to"})),
+    "Softmax": (_softmax, frozenset({"axis"})),
+    "LayerNorm": (_layer_norm, frozenset({"axis", "epsilon"})),
+    **{op: (_reduce, frozenset({"axes", "keepdims"})) for op in (*_REDUCE, "ReduceL2")},
+    "MatMul": (_matmul, frozenset()),
+    "Linear": (_linear, frozenset()),
+    "QLinear": (_qlinear, frozenset({"bits", "group_size", "symmetric"})),
+    "QGather": (_qgather, frozenset({"bits", "group_size", "symmetric"})),
+    "Reshape": (_reshape, frozenset({"shape"})),
+    "Transpose": (_transpose, frozenset({"perm"})),
+    "Gather": (_gather, frozenset({"axis"})),
+    "Slice": (_slice, frozenset({"starts", "ends", "axes", "steps"})),
+    "Concat": (_concat, frozenset({"axis"})),
+    "Expand": (_expand, frozenset({"shape"})),
+    "Conv": (_conv, frozenset({"strides", "pads", "dilations", "group", "kernel_shape"})),
+    "MaxPool": (_pool, frozenset(_POOL_ATTRS)),
+    "AveragePool": (_pool, frozenset(_POOL_ATTRS)),
+    "GlobalAveragePool": (_global_avg_pool, frozenset()),
+})
+SUPPORTED_OPS = frozenset(_RULES)
+
+
+class _fallback:  # noqa: N801  (namespace of unscheduled kernels, used until backends.kernels exists)
+    """Plain TE versions of the kernel builders (correct, slow; dlight may schedule them)."""
+
+    @staticmethod
+    def linear_kernel(m, k, n, has_bias, target):
+        from tvm import te
+
+        x, w = te.placeholder((m, k), name="x"), te.placeholder((k, n), name="w")
+        r = te.reduce_axis((0, k), name="r")
+        y = te.compute((m, n), lambda i, j: te.sum(x[i, r] * w[r, j], axis=r), name="mm")
+        args = [x, w]
+        if has_bias:
+            bias = te.placeholder((n,), name="bias")
+            y = te.compute((m, n), lambda i, j: y[i, j] + bias[j], name="y")
+            args.append(bias)
+        return te.create_prim_func(args + [y])
+
+    @staticmethod
+    def batch_matmul_kernel(batch, m, k, n, target):
+        from tvm import te
+
+        a, b = te.placeholder((batch, m, k), name="a"), te.placeholder((batch, k, n), name="b")
+        r = te.reduce_axis((0, k), name="r")
+        y = te.compute((batch, m, n), lambda t, i, j: te.sum(a[t, i, r] * b[t, r, j], axis=r), name="y")
+        return te.create_prim_func([a, b, y])
+
+    @staticmethod
+    def _dequant(table, scales, zeros, bits, group_size, length, row, col):
+        """Real value of code ``col`` of packed row ``row`` (see qcompile.quant)."""
+        from tvm import te
+
+        nbytes = table.shape[1]
+        pos = col * bits
+        lo = table[row, pos // 8].astype("uint32")
+        hi = table[row, te.min(pos // 8 + 1, nbytes - 1)].astype("uint32")
+        code = (((hi << 8) | lo) >> (pos % 8).astype("uint32")) & tvm.tirx.const((1 << bits) - 1, "uint32")
+        g = col // (group_size or length)
+        zero = zeros[row, g] if zeros is not None else tvm.tirx.const(float(1 << (bits - 1)), "float32")
+        return (code.astype("float32") - zero) * scales[row, g]
+
+    @staticmethod
+    def qlinear_kernel(m, k, n, bits, group_size, symmetric, has_bias, target):
+        from tvm import te
+
+        groups = k // group_size if group_size else 1
+        x = te.placeholder((m, k), name="x")
+        q = te.placeholder((n, (k * bits + 7) // 8), "uint8", name="qweight")
+        scales = te.placeholder((n, groups), name="scales")
+        zeros = None if symmetric else te.placeholder((n, groups), name="zeros")
+        w = te.compute((k, n), lambda kk, j: _fallback._dequant(q, scales, zeros, bits, group_size, k, j, kk), name="w")
+        r = te.reduce_axis((0, k), name="r")
+        y = te.compute((m, n), lambda i, j: te.sum(x[i, r] * w[r, j], axis=r), name="mm")
+        args = [x, q, scales] + ([] if symmetric else [zeros])
+        if has_bias:
+            bias = te.placeholder((n,), name="bias")
+            y = te.compute((m, n), lambda i, j: y[i, j] + bias[j], name="y")
+            args.append(bias)
+        return te.create_prim_func(args + [y])
+
+    @staticmethod
+    def qgather_kernel(v, d, num_indices, bits, group_size, symmetric, target):
+        from tvm import te
+
+        groups = d // group_size if group_size else 1
+        q = te.placeholder((v, (d * bits + 7) // 8), "uint8", name="qtable")
+        scales = te.placeholder((v, groups), name="scales")
+        zeros = None if symmetric else te.placeholder((v, groups), name="zeros")
+        idx = te.placeholder((num_indices,), "int64", name="indices")
+        y = te.compute((num_indices, d),
+                       lambda i, j: _fallback._dequant(q, scales, zeros, bits, group_size, d, idx[i], j), name="y")
+        return te.create_prim_func([q, scales] + ([] if symmetric else [zeros]) + [idx, y])

@@ -1,0 +1,89 @@
+"""Run a built ``model.so`` with numpy arrays on the host.
+
+Threads: TVM's CPU thread pool is created the first time a parallel kernel runs, and it
+reads ``TVM_NUM_THREADS`` then (its own default is half the cores on x86). ``HostModule``
+therefore sets ``TVM_NUM_THREADS`` (``num_threads``, default ``os.cpu_count()``) in the
+environment before the first run, and also calls ``runtime.config_threadpool`` so the size
+is right even when another module already started the pool in this process. The pool is
+per process: the last ``HostModule`` created decides its size.
+
+The library's ``main`` returns a tuple of the graph outputs in order (see
+:mod:`qcompile.backends.relax_lowering`); callers get a dict name -> array.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from qcompile.errors import InputError
+
+__all__ = ["HostModule", "set_num_threads"]
+
+
+def set_num_threads(num_threads: int | None = None) -> int:
+    """Size TVM's CPU thread pool; returns the thread count used."""
+    import tvm
+
+    count = int(num_threads or os.cpu_count() or 1)
+    os.environ["TVM_NUM_THREADS"] = str(count)
+    config = tvm.get_global_func("runtime.config_threadpool", allow_missing=True)
+    if config is not None:
+        config(0, count)
+    return count
+
+
+class HostModule:
+    """A loaded ``model.so``: ``module({name: array}) -> {name: array}``."""
+
+    def __init__(self, path, input_names, output_names, num_threads=None):
+        self.input_names = list(input_names)
+        self.output_names = list(output_names)
+        self.num_threads = set_num_threads(num_threads)
+        import tvm
+        from tvm import relax
+
+        self._tvm = tvm
+        self._lib = tvm.runtime.load_module(os.fspath(path))
+        self._vm = relax.VirtualMachine(self._lib, tvm.cpu())
+        self._main = self._vm["main"]
+
+    def __call__(self, feeds: dict) -> dict[str, np.ndarray]:
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise InputError(f"missing input(s): {', '.join(missing)}")
+        args = [self._tvm.runtime.tensor(np.ascontiguousarray(feeds[n])) for n in self.input_names]
+        outs = self._main(*args)
+        return {name: outs[i].numpy() for i, name in enumerate(self.output_names)}
+
+    def profile(self, feeds: dict, repeat: int = 5) -> list[dict]:
+        """Per-kernel wall time of ``repeat`` runs, through the VM's call instrumentation.
+
+        Returns rows ``{"kernel", "calls", "ms"}`` (per run), most expensive first. This
+        TVM version has no VM profiler; the hook adds a few microseconds per call.
+        """
+        import time
+
+        from tvm import relax
+
+        vm = relax.VirtualMachine(self._lib, self._tvm.cpu())
+        args = [self._tvm.runtime.tensor(np.ascontiguousarray(feeds[n])) for n in self.input_names]
+        totals: dict[str, list] = {}
+        started: dict[str, float] = {}
+
+        def instrument(func, symbol, before_run, ret_value, *call_args):
+            if before_run:
+                started[symbol] = time.perf_counter()
+            else:
+                row = totals.setdefault(symbol, [0, 0.0])
+                row[0] += 1
+                row[1] += time.perf_counter() - started.pop(symbol)
+            return 0
+
+        vm["main"](*args)  # warm up before instrumenting
+        vm.set_instrument(instrument)
+        for _ in range(repeat):
+            vm["main"](*args)
+        rows = [{"kernel": k, "calls": c // repeat, "ms": 1e3 * t / repeat} for k, (c, t) in totals.items()]
+        return sorted(rows, key=lambda r: -r["ms"])
