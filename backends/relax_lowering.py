@@ -33,6 +33,8 @@ from tvm import relax
 from qcompile.errors import InvariantError, UnsupportedOpError
 from qcompile.ir import Graph, Node
 
+from . import kernels
+
 
 __all__ = ["lower_graph", "SUPPORTED_OPS"]
 
@@ -104,22 +106,13 @@ class _Ctx:
         key = (builder, params)
         gvar = self._kernels.get(key)
         if gvar is None:
-            func = getattr(_kernel_module(), builder)(*params, self.target)
+            func = getattr(kernels, builder)(*params, self.target)
             func = func.with_attr("op_pattern", OPAQUE)
             if func.attrs is not None and "tir.is_scheduled" in func.attrs:  # dlight reads the tirx name
                 func = func.with_attr("tirx.is_scheduled", True)
             gvar = self.bb.add_func(func, f"{builder.replace('_kernel', '')}_{len(self._kernels)}")
             self._kernels[key] = gvar
         return self.emit(relax.call_tir(gvar, args, relax.TensorType(out_shape, out_dtype)))
-
-
-def _kernel_module():
-    """backends.kernels (scheduled kernels) when present, else the plain TE fallbacks below."""
-    try:
-        from . import kernels
-    except ImportError:
-        return _fallback
-    return kernels
 
 
 def _shape(x) -> tuple[int, ...]:
@@ -422,75 +415,3 @@ _RULES = MappingProxyType({
 })
 SUPPORTED_OPS = frozenset(_RULES)
 
-
-class _fallback:  # noqa: N801  (namespace of unscheduled kernels, used until backends.kernels exists)
-    """Plain TE versions of the kernel builders (correct, slow; dlight may schedule them)."""
-
-    @staticmethod
-    def linear_kernel(m, k, n, has_bias, target):
-        from tvm import te
-
-        x, w = te.placeholder((m, k), name="x"), te.placeholder((k, n), name="w")
-        r = te.reduce_axis((0, k), name="r")
-        y = te.compute((m, n), lambda i, j: te.sum(x[i, r] * w[r, j], axis=r), name="mm")
-        args = [x, w]
-        if has_bias:
-            bias = te.placeholder((n,), name="bias")
-            y = te.compute((m, n), lambda i, j: y[i, j] + bias[j], name="y")
-            args.append(bias)
-        return te.create_prim_func(args + [y])
-
-    @staticmethod
-    def batch_matmul_kernel(batch, m, k, n, target):
-        from tvm import te
-
-        a, b = te.placeholder((batch, m, k), name="a"), te.placeholder((batch, k, n), name="b")
-        r = te.reduce_axis((0, k), name="r")
-        y = te.compute((batch, m, n), lambda t, i, j: te.sum(a[t, i, r] * b[t, r, j], axis=r), name="y")
-        return te.create_prim_func([a, b, y])
-
-    @staticmethod
-    def _dequant(table, scales, zeros, bits, group_size, length, row, col):
-        """Real value of code ``col`` of packed row ``row`` (see qcompile.quant)."""
-        from tvm import te
-
-        nbytes = table.shape[1]
-        pos = col * bits
-        lo = table[row, pos // 8].astype("uint32")
-        hi = table[row, te.min(pos // 8 + 1, nbytes - 1)].astype("uint32")
-        code = (((hi << 8) | lo) >> (pos % 8).astype("uint32")) & tvm.tirx.const((1 << bits) - 1, "uint32")
-        g = col // (group_size or length)
-        zero = zeros[row, g] if zeros is not None else tvm.tirx.const(float(1 << (bits - 1)), "float32")
-        return (code.astype("float32") - zero) * scales[row, g]
-
-    @staticmethod
-    def qlinear_kernel(m, k, n, bits, group_size, symmetric, has_bias, target):
-        from tvm import te
-
-        groups = k // group_size if group_size else 1
-        x = te.placeholder((m, k), name="x")
-        q = te.placeholder((n, (k * bits + 7) // 8), "uint8", name="qweight")
-        scales = te.placeholder((n, groups), name="scales")
-        zeros = None if symmetric else te.placeholder((n, groups), name="zeros")
-        w = te.compute((k, n), lambda kk, j: _fallback._dequant(q, scales, zeros, bits, group_size, k, j, kk), name="w")
-        r = te.reduce_axis((0, k), name="r")
-        y = te.compute((m, n), lambda i, j: te.sum(x[i, r] * w[r, j], axis=r), name="mm")
-        args = [x, q, scales] + ([] if symmetric else [zeros])
-        if has_bias:
-            bias = te.placeholder((n,), name="bias")
-            y = te.compute((m, n), lambda i, j: y[i, j] + bias[j], name="y")
-            args.append(bias)
-        return te.create_prim_func(args + [y])
-
-    @staticmethod
-    def qgather_kernel(v, d, num_indices, bits, group_size, symmetric, target):
-        from tvm import te
-
-        groups = d // group_size if group_size else 1
-        q = te.placeholder((v, (d * bits + 7) // 8), "uint8", name="qtable")
-        scales = te.placeholder((v, groups), name="scales")
-        zeros = None if symmetric else te.placeholder((v, groups), name="zeros")
-        idx = te.placeholder((num_indices,), "int64", name="indices")
-        y = te.compute((num_indices, d),
-                       lambda i, j: _fallback._dequant(q, scales, zeros, bits, group_size, d, idx[i], j), name="y")
-        return te.create_prim_func([q, scales] + ([] if symmetric else [zeros]) + [idx, y])

@@ -11,10 +11,10 @@ from onnx import TensorProto, helper, numpy_helper
 def make_mlp_onnx(path, in_dim=64, hidden=128, out_dim=32, batch=4, seed=0, dynamic_batch=False):
     """x -> MatMul+Add -> Relu -> Gemm(transB) -> out: a small MLP as exporters write it."""
     rng = np.random.default_rng(seed)
-    w1 = rng.standard_normal((in_dim, hidden)).astype(np.float32) / np.sqrt(in_dim)
-    b1 = rng.standard_normal(hidden).astype(np.float32) * 0.1
-    w2 = rng.standard_normal((out_dim, hidden)).astype(np.float32) / np.sqrt(hidden)
-    b2 = rng.standard_normal(out_dim).astype(np.float32) * 0.1
+    w1 = rng.standard_normal((in_dim, hidden)).astype(np.float32) / np.float32(np.sqrt(in_dim))
+    b1 = (rng.standard_normal(hidden) * 0.1).astype(np.float32)
+    w2 = rng.standard_normal((out_dim, hidden)).astype(np.float32) / np.float32(np.sqrt(hidden))
+    b2 = (rng.standard_normal(out_dim) * 0.1).astype(np.float32)
     batch_dim = "batch" if dynamic_batch else batch
     nodes = [
         helper.make_node("MatMul", ["x", "w1"], ["h0"], name="fc1_matmul"),

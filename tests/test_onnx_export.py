@@ -112,10 +112,12 @@ def test_unexpanded_quantized_ops_keep_packed_inputs():
     assert any(o.domain == CUSTOM_DOMAIN for o in model.opset_import)
 
 
-def test_value_info_carries_static_types(mlp_onnx):
-    from qcompile.frontends.onnx_frontend import load_onnx
-
-    model = to_onnx(load_onnx(mlp_onnx))
+def test_value_info_carries_static_types():
+    graph, _ = _one_node("Relu", {"a": ("in", X)}, X.shape)
+    graph.add_value("r", TensorType(X.shape, F32))
+    graph.nodes = [Node("Relu", "relu", ["a"], ["r"]), Node("Neg", "neg", ["r"], ["y"])]
+    graph.metadata.update({"source": "x.onnx", "opset": 17})
+    model = to_onnx(graph)
     shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.value_info}
     assert shapes and all(all(d > 0 for d in s) for s in shapes.values())
     assert {p.key for p in model.metadata_props} >= {"source", "opset"}

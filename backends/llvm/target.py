@@ -6,10 +6,15 @@ Pipeline (:func:`relax_pipeline`), in order:
 2. ``AnnotateTIROpPattern``, ``FoldConstant``, ``FuseOps``, ``FuseTIR``: elementwise
    chains and reduction epilogues become one PrimFunc each. Kernel PrimFuncs from
    :mod:`qcompile.backends.kernels` carry ``op_pattern`` = opaque and stay whole;
-3. scheduling of every PrimFunc not marked ``tirx.is_scheduled``: dlight's CPU
-   ``Reduction`` rule (softmax, layer norm) then :class:`CPUFallback`
-   (inline, parallelise the spatial loops, vectorise the innermost one);
+3. scheduling of every PrimFunc not marked ``tirx.is_scheduled``, first rule that
+   applies: :class:`RowReduction` (softmax, layer norm: rows in parallel, vectorised
+   rfactor reductions), dlight's CPU ``Reduction`` and ``GEMV``, then
+   :class:`CPUFallback` (inline, parallelise outer loops, vectorise the innermost one);
 4. the default CPU dataflow lowering and finalisation passes.
+
+Before 1, :data:`FastMath` swaps exp/erf/tanh/sigmoid/gelu/softmax for TVM's vectorisable
+polynomial versions (libm calls per lane were 15-60x slower). The target sets
+``fast-math-reassoc`` only (never ``nnan``/``ninf``: IsNaN and -inf masks must work).
 
 Invariant: the built executable's ``main`` has the signature that
 :func:`qcompile.backends.relax_lowering.lower_graph` documents (tuple output).
@@ -27,7 +32,7 @@ from tvm.s_tir import dlight
 
 from ..relax_lowering import lower_graph
 
-__all__ = ["host_target", "relax_pipeline", "build", "export_library", "CPUFallback", "FastMath"]
+__all__ = ["host_target", "relax_pipeline", "build", "export_library", "CPUFallback", "RowReduction", "FastMath"]
 
 PARALLEL_MIN_ELEMENTS = 8192  # below this a parallel launch costs more than it saves
 
@@ -53,11 +58,28 @@ def _vector_lanes(target: tvm.target.Target, dtype_bits: int = 32) -> int:
     return max(1, (bits if bits > 0 else 128) // dtype_bits)
 
 
-class CPUFallback(dlight.ScheduleRule):
-    """Inline everything inlinable, then per remaining block: fuse the spatial loops,
-    vectorise an innermost chunk (when the block is injective) and parallelise the rest
-    when the block is large enough to pay for the thread launch."""
+def _schedule_errors_decline(apply):
+    """A rule whose primitives refuse a function declines it (returns None) instead of failing."""
 
+    def wrapped(self, func, target, tunable):
+        try:
+            return apply(self, func, target, tunable)
+        except s_tir.schedule.ScheduleError:
+            return None
+
+    return wrapped
+
+
+class CPUFallback(dlight.ScheduleRule):
+    """Inline everything inlinable, then per remaining block: vectorise a chunk of the
+    innermost spatial loop (injective blocks only), fuse the other spatial loops and
+    parallelise them when the block is large enough to pay for the thread launch.
+
+    The innermost loop is split rather than fused with the others so that per-row index
+    arithmetic (gather rows, transposes) stays outside the vector loop.
+    """
+
+    @_schedule_errors_decline
     def apply(self, func, target, _tunable):
         if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
             return None
@@ -78,19 +100,102 @@ class CPUFallback(dlight.ScheduleRule):
             if not s_loops:
                 continue
             sch.reorder(*s_loops, *r_loops)
-            fused = sch.fuse(*s_loops)
-            total = _extent(sch, fused)
-            work = total * math.prod(_extent(sch, l) for l in r_loops)
-            if not r_loops:
-                vec = math.gcd(total, lanes)
-                if vec > 1:
-                    fused, inner = sch.split(fused, [None, vec])
-                    sch.vectorize(inner)
+            work = math.prod(_extent(sch, l) for l in loops)
+            outer = s_loops
+            vec = math.gcd(_extent(sch, s_loops[-1]), lanes)
+            if not r_loops and vec > 1:
+                chunk, inner = sch.split(s_loops[-1], [None, vec])
+                sch.vectorize(inner)
+                outer = s_loops[:-1] + [chunk]
+            fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
             if work >= PARALLEL_MIN_ELEMENTS and _extent(sch, fused) > 1:
                 sch.parallel(fused)
             if r_loops:
                 sch.decompose_reduction(block, r_loops[0])
         return sch
+
+
+class RowReduction(dlight.ScheduleRule):
+    """Row-wise normalisations (softmax, layer norm, their fused epilogues) on the CPU.
+
+    Pattern: every reduction block reduces over its trailing loops after ``p`` leading
+    spatial loops that all blocks share (the rows), and the last block is injective.
+    Schedule: inline single-consumer elementwise blocks; ``rfactor`` each reduction over a
+    vector-wide slice of its reduce axis (so the accumulation is a vector of partial
+    sums/maxima instead of a latency-bound scalar chain); parallelise the fused rows of the
+    last block; ``compute_at`` everything else under that row loop; vectorise inner loops.
+    """
+
+    @_schedule_errors_decline
+    def apply(self, func, target, _tunable):
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+            return None
+        lanes = _vector_lanes(target)
+        sch = s_tir.Schedule(func)
+        infos = dlight.analysis.normalize_prim_func(sch)
+        if infos is None or len(infos) < 2 or not infos[-1].is_injective():
+            return None
+        rows = _row_axes(infos)
+        if rows is None:
+            return None
+        _inline_single_consumer(sch, infos[:-1])
+        reductions = []
+        for info in dlight.analysis.normalize_prim_func(sch)[:-1] or []:
+            if info.is_injective():
+                continue
+            loops = sch.get_loops(info.block_rv)
+            if len(loops) != rows + 1 or _extent(sch, loops[-1]) % lanes:
+                return None
+            _, inner = sch.split(loops[-1], [None, lanes])
+            reductions.append(sch.rfactor(inner, factor_axis=0))
+        last = sch.get_child_blocks(sch.get_sblock("root"))[-1]
+        loops = sch.get_loops(last)
+        row = sch.fuse(*loops[:rows])
+        sch.parallel(row)
+        _vectorize_tail(sch, sch.get_loops(last)[1:], lanes)
+        for block in reversed(sch.get_child_blocks(sch.get_sblock("root"))[:-1]):
+            sch.compute_at(block, row, preserve_unit_loops=True)
+        for rf in reductions:  # loops under the row: (lane, unit row loops..., chunk)
+            under = sch.get_loops(rf)[1:]
+            lane, chunk = under[0], under[-1]
+            sch.reorder(chunk, lane)
+            sch.vectorize(lane)  # before decompose_reduction, else "no compact dataflow"
+            sch.vectorize(sch.get_loops(sch.decompose_reduction(rf, chunk))[-1])
+        for block in sch.get_child_blocks(row):
+            if all(iv.iter_type == tirx.IterVar.DataPar for iv in sch.get(block).iter_vars):
+                inner = sch.get_loops(block)[1:]
+                if inner and all(sch.get(l).kind == tirx.ForKind.SERIAL for l in inner):
+                    _vectorize_tail(sch, inner, lanes)
+        return sch
+
+
+def _row_axes(infos) -> int | None:
+    """Number of leading spatial loops shared by every reduction block, if it is one number."""
+    counts = {len(k) - len(k.lstrip("S")) for k in (i.dom_kind() for i in infos if not i.is_injective())}
+    if len(counts) != 1:
+        return None
+    rows = counts.pop()
+    shapes = {tuple(int(d) for d in i.dom()[:rows]) for i in infos if len(i.dom_kind()) >= rows}
+    return rows if rows > 0 and len(shapes) == 1 else None
+
+
+def _inline_single_consumer(sch, infos) -> None:
+    for info in reversed(infos):
+        if info.is_injective() and len(sch.get_consumers(info.block_rv)) == 1:
+            try:
+                sch.compute_inline(info.block_rv)
+            except Exception:  # pylint: disable=broad-except  (not inlinable: keep the block)
+                pass
+
+
+def _vectorize_tail(sch, loops, lanes) -> None:
+    if not loops:
+        return
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    vec = math.gcd(_extent(sch, fused), lanes)
+    if vec > 1:
+        _, inner = sch.split(fused, [None, vec])
+        sch.vectorize(inner)
 
 
 @relax.expr_functor.mutator
@@ -147,7 +252,7 @@ def _extent(sch, loop) -> int:
 
 def _schedule_passes(target):
     return [
-        dlight.ApplyDefaultSchedule(dlight.cpu.Reduction(), dlight.cpu.GEMV(), CPUFallback()),
+        dlight.ApplyDefaultSchedule(RowReduction(), dlight.cpu.Reduction(), dlight.cpu.GEMV(), CPUFallback()),
     ]
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..errors import ModelFormatError, ShapeError, UnsupportedOpError
+from ..errors import ModelFormatError, ShapeError
 from ..interpreter import run_node
 from ..ir import Graph, Node, TensorType, verify
 from .shape_inference import infer_types
@@ -58,7 +58,7 @@ def _read(model) -> tuple[onnx.ModelProto, str]:
         proto = onnx.load(str(path))
     except Exception as err:  # protobuf raises DecodeError, RuntimeWarning-ish, OSError ...
         raise ModelFormatError(f"{path}: not a readable ONNX model ({type(err).__name__}: {err})") from None
-    if not proto.HasField("graph") or not proto.graph.node and not proto.graph.output:
+    if not proto.HasField("graph") or (not proto.graph.node and not proto.graph.output):
         raise ModelFormatError(f"{path}: not a readable ONNX model (no graph)")
     return proto, str(path)
 
@@ -203,12 +203,16 @@ class Importer:
     def _output_name(self, wanted: str, ir_name: str) -> str:
         """Make the IR output carry the ONNX output name (rename, or Identity when shared)."""
         g = self.graph
+        if ir_name == wanted or wanted in g.values:
+            return ir_name
+        if ir_name in g.constants:
+            self.used.add(wanted)
+            return g.add_constant(wanted, g.constants[ir_name])
         producer = next((n for n in g.nodes if ir_name in n.outputs), None)
-        if ir_name == wanted:
-            return wanted
-        if producer is None or ir_name in g.outputs or wanted in g.values:
+        if producer is None or ir_name in g.outputs:  # a graph input, or already an output
             self.current = wanted
-            return self.emit("Identity", [ir_name], outputs=[wanted])[0] if wanted not in g.values else ir_name
+            return self.emit("Identity", [ir_name], outputs=[wanted])[0]
+        self.used.add(wanted)
         value = g.values.pop(ir_name)
         value.name = wanted
         g.values[wanted] = value

@@ -21,7 +21,7 @@ import math
 import numpy as np
 
 from ..errors import UnsupportedOpError
-from .onnx_ops import _axis, _only_first_output, _reshape, inp, need_const
+from .onnx_ops import check_only_first_output, inp, need_const, norm_axis, reshape_to
 
 __all__ = ["NN_CONVERTERS"]
 
@@ -79,7 +79,7 @@ def _add_scaled(ctx, y, c, beta, out):
 def _batch_norm(ctx, node, attrs):
     if attrs.get("training_mode", 0):
         raise UnsupportedOpError(node.op_type, ctx.current, "training_mode=1")
-    _only_first_output(ctx, node)
+    check_only_first_output(ctx, node)
     x = inp(ctx, node, 0)
     scale, bias, mean, var = (need_const(ctx, node, i, what) for i, what in enumerate(["scale", "B", "mean", "var"], 1))
     eps = np.float32(attrs.get("epsilon", 1e-5))
@@ -94,19 +94,19 @@ def _batch_norm(ctx, node, attrs):
 def _softmax(ctx, node, attrs):
     x = inp(ctx, node, 0)
     shape = ctx.type_of(x).shape
-    axis = _axis(ctx, node, attrs.get("axis", 1 if ctx.opset < 13 else -1), len(shape))
+    axis = norm_axis(ctx, node, attrs.get("axis", 1 if ctx.opset < 13 else -1), len(shape))
     if ctx.opset >= 13 or axis == len(shape) - 1:
         ctx.emit("Softmax", [x], {"axis": axis}, [node.output[0]])
         return
-    flat = _reshape(ctx, x, (math.prod(shape[:axis]), math.prod(shape[axis:])))
+    flat = reshape_to(ctx, x, (math.prod(shape[:axis]), math.prod(shape[axis:])))
     y = ctx.emit("Softmax", [flat], {"axis": 1})[0]
-    _reshape(ctx, y, shape, node.output[0])
+    reshape_to(ctx, y, shape, node.output[0])
 
 
 def _layer_norm(ctx, node, attrs):
-    _only_first_output(ctx, node)
+    check_only_first_output(ctx, node)
     x = inp(ctx, node, 0)
-    axis = _axis(ctx, node, attrs.get("axis", -1), len(ctx.type_of(x).shape))
+    axis = norm_axis(ctx, node, attrs.get("axis", -1), len(ctx.type_of(x).shape))
     inputs = [x, inp(ctx, node, 1)] + ([inp(ctx, node, 2)] if inp(ctx, node, 2) else [])
     ctx.emit("LayerNorm", inputs, {"axis": axis, "epsilon": float(attrs.get("epsilon", 1e-5))}, [node.output[0]])
 
@@ -123,7 +123,7 @@ def _reduce(ctx, node, attrs):
     if not axes and attrs.get("noop_with_empty_axes", 0):
         ctx.alias(node.output[0], x)
         return
-    axes = tuple(sorted({_axis(ctx, node, a, rank) for a in axes})) if axes else tuple(range(rank))
+    axes = tuple(sorted({norm_axis(ctx, node, a, rank) for a in axes})) if axes else tuple(range(rank))
     ctx.emit(node.op_type, [x], {"axes": axes, "keepdims": bool(attrs.get("keepdims", 1))}, [node.output[0]])
 
 
@@ -159,7 +159,7 @@ def _conv(ctx, node, attrs):
 
 
 def _pool(ctx, node, attrs):
-    _only_first_output(ctx, node)
+    check_only_first_output(ctx, node)
     x = inp(ctx, node, 0)
     xs = ctx.type_of(x).shape
     r = len(xs) - 2

@@ -19,7 +19,10 @@ from onnx import helper
 
 from ..errors import ShapeError, UnsupportedOpError
 
-__all__ = ["convert_node", "CONVERTERS", "attrs_of", "inp", "need_const", "onnx_dtype_name"]
+__all__ = [
+    "convert_node", "CONVERTERS", "attrs_of", "inp", "need_const", "onnx_dtype_name", "norm_axis", "reshape_to",
+    "check_only_first_output", "clamp_slice",
+]
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -58,13 +61,13 @@ def _rank(ctx, name: str) -> int:
     return len(ctx.type_of(name).shape)
 
 
-def _axis(ctx, node, axis: int, rank: int) -> int:
+def norm_axis(ctx, node, axis: int, rank: int) -> int:
     if not -rank <= axis < max(rank, 1):
         raise ShapeError(f"node '{ctx.current}' ({node.op_type}): axis {axis} out of range for rank {rank}")
     return axis % max(rank, 1)
 
 
-def _reshape(ctx, name: str, shape, out: str = "") -> str:
+def reshape_to(ctx, name: str, shape, out: str = "") -> str:
     if tuple(int(d) for d in shape) == ctx.type_of(name).shape:
         if out:
             ctx.alias(out, name)
@@ -72,7 +75,7 @@ def _reshape(ctx, name: str, shape, out: str = "") -> str:
     return ctx.emit("Reshape", [name], {"shape": tuple(int(d) for d in shape)}, [out])[0]
 
 
-def _only_first_output(ctx, node) -> None:
+def check_only_first_output(ctx, node) -> None:
     for extra in node.output[1:]:
         if extra and extra in ctx.consumed:
             raise UnsupportedOpError(node.op_type, ctx.current, f"its optional output '{extra}' is used")
@@ -114,7 +117,7 @@ def _alias(ctx, node, attrs):
         training = need_const(ctx, node, 2, "training_mode")
         if bool(training):
             raise UnsupportedOpError(node.op_type, ctx.current, "training_mode=True")
-    _only_first_output(ctx, node)
+    check_only_first_output(ctx, node)
     ctx.alias(node.output[0], inp(ctx, node, 0))
 
 
@@ -165,7 +168,7 @@ def _reshape_op(ctx, node, attrs):
         if known == 0 or math.prod(shape_in) % known:
             raise ShapeError(f"node '{ctx.current}' (Reshape): cannot reshape {shape_in} to {target}")
         target[target.index(-1)] = math.prod(shape_in) // known
-    _reshape(ctx, x, target, node.output[0])
+    reshape_to(ctx, x, target, node.output[0])
 
 
 def _axes_operand(ctx, node, attrs, first_input_opset: int) -> list[int] | None:
@@ -179,10 +182,10 @@ def _squeeze(ctx, node, attrs):
     x = inp(ctx, node, 0)
     shape = ctx.type_of(x).shape
     axes = _axes_operand(ctx, node, attrs, 13)
-    drop = {_axis(ctx, node, a, len(shape)) for a in axes} if axes is not None else {i for i, d in enumerate(shape) if d == 1}
+    drop = {norm_axis(ctx, node, a, len(shape)) for a in axes} if axes is not None else {i for i, d in enumerate(shape) if d == 1}
     if any(shape[a] != 1 for a in drop):
         raise ShapeError(f"node '{ctx.current}' (Squeeze): axes {sorted(drop)} of {shape} are not all 1")
-    _reshape(ctx, x, [d for i, d in enumerate(shape) if i not in drop], node.output[0])
+    reshape_to(ctx, x, [d for i, d in enumerate(shape) if i not in drop], node.output[0])
 
 
 def _unsqueeze(ctx, node, attrs):
@@ -190,9 +193,9 @@ def _unsqueeze(ctx, node, attrs):
     shape = list(ctx.type_of(x).shape)
     axes = _axes_operand(ctx, node, attrs, 13) or []
     rank = len(shape) + len(axes)
-    for a in sorted(_axis(ctx, node, a, rank) for a in axes):
+    for a in sorted(norm_axis(ctx, node, a, rank) for a in axes):
         shape.insert(a, 1)
-    _reshape(ctx, x, shape, node.output[0])
+    reshape_to(ctx, x, shape, node.output[0])
 
 
 def _flatten(ctx, node, attrs):
@@ -200,13 +203,13 @@ def _flatten(ctx, node, attrs):
     shape = ctx.type_of(x).shape
     axis = attrs.get("axis", 1)
     axis = axis + len(shape) if axis < 0 else axis
-    _reshape(ctx, x, [math.prod(shape[:axis]), math.prod(shape[axis:])], node.output[0])
+    reshape_to(ctx, x, [math.prod(shape[:axis]), math.prod(shape[axis:])], node.output[0])
 
 
 def _transpose(ctx, node, attrs):
     x = inp(ctx, node, 0)
     rank = _rank(ctx, x)
-    perm = tuple(_axis(ctx, node, p, rank) for p in attrs.get("perm", range(rank - 1, -1, -1)))
+    perm = tuple(norm_axis(ctx, node, p, rank) for p in attrs.get("perm", range(rank - 1, -1, -1)))
     if perm == tuple(range(rank)):
         ctx.alias(node.output[0], x)
     else:
@@ -217,7 +220,7 @@ def _concat(ctx, node, attrs):
     names = [inp(ctx, node, i) for i in range(len(node.input)) if node.input[i]]
     if any(ctx.type_of(n).size > 0 for n in names):
         names = [n for n in names if ctx.type_of(n).size > 0]
-    axis = _axis(ctx, node, attrs["axis"], _rank(ctx, names[0]))
+    axis = norm_axis(ctx, node, attrs["axis"], _rank(ctx, names[0]))
     if len(names) == 1:
         ctx.alias(node.output[0], names[0])
     else:
@@ -226,7 +229,7 @@ def _concat(ctx, node, attrs):
 
 def _gather(ctx, node, attrs):
     data = inp(ctx, node, 0)
-    axis = _axis(ctx, node, attrs.get("axis", 0), _rank(ctx, data))
+    axis = norm_axis(ctx, node, attrs.get("axis", 0), _rank(ctx, data))
     ctx.emit("Gather", [data, inp(ctx, node, 1)], {"axis": axis}, [node.output[0]])
 
 
@@ -243,7 +246,7 @@ def _gather_nd(ctx, node, attrs):
         raise ShapeError(f"node '{ctx.current}' (GatherND): index out of range for {shape}")
     idx = np.where(idx < 0, idx + dims, idx)
     strides = np.asarray([math.prod(shape[j + 1 : k]) for j in range(k)], dtype=np.int64)
-    flat = _reshape(ctx, data, (math.prod(shape[:k]),) + shape[k:])
+    flat = reshape_to(ctx, data, (math.prod(shape[:k]),) + shape[k:])
     linear = ctx.new_const(f"{ctx.current}_linear_indices", (idx * strides).sum(-1))
     ctx.emit("Gather", [flat, linear], {"axis": 0}, [node.output[0]])
 
@@ -269,7 +272,7 @@ def _slice(ctx, node, attrs):
     steps = [1] * len(starts) if steps is None else steps
     out = {"starts": [], "ends": [], "axes": [], "steps": []}
     for start, end, axis, step in zip(starts, ends, axes, steps):
-        axis, step = _axis(ctx, node, int(axis), len(shape)), int(step)
+        axis, step = norm_axis(ctx, node, int(axis), len(shape)), int(step)
         if step == 0:
             raise ShapeError(f"node '{ctx.current}' (Slice): step 0 on axis {axis}")
         s, e = clamp_slice(int(max(min(start, 2**62), -2**62)), int(max(min(end, 2**62), -2**62)), step, shape[axis])
@@ -281,7 +284,7 @@ def _slice(ctx, node, attrs):
 def _split(ctx, node, attrs):
     x = inp(ctx, node, 0)
     shape = ctx.type_of(x).shape
-    axis = _axis(ctx, node, attrs.get("axis", 0), len(shape))
+    axis = norm_axis(ctx, node, attrs.get("axis", 0), len(shape))
     n = len(node.output)
     sizes = attrs.get("split") if ctx.opset < 13 else need_const(ctx, node, 1, "split")
     if sizes is None:

@@ -4,7 +4,8 @@ The frontends build the IR node by node and call this to declare every output va
 the static shapes are computed by qcompile itself (ONNX's own shape inference is never
 trusted). Invariants: the inputs of ``node`` are already declared in ``graph.values``;
 attributes are in the normalised form :mod:`qcompile.ops` describes (non-negative axes,
-resolved shapes). A shape mismatch raises :class:`ShapeError` naming the node.
+resolved shapes). A shape mismatch raises :class:`ShapeError` naming the node; operands
+that ONNX requires to share a dtype but do not raise :class:`ModelFormatError`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import math
 
 import numpy as np
 
-from ..errors import ShapeError, UnsupportedOpError
+from ..errors import ModelFormatError, ShapeError, UnsupportedOpError
 from ..ir import Graph, Node, TensorType
 from ..ops import ELEMENTWISE_BINARY, ELEMENTWISE_UNARY, REDUCTIONS
 
@@ -21,6 +22,12 @@ __all__ = ["infer_types", "broadcast_shapes"]
 
 _BOOL_OUT = frozenset("Equal Less Greater LessOrEqual GreaterOrEqual And Or IsNaN Not".split())
 _SAME_AS_FIRST = frozenset("Clip Gelu Softmax LayerNorm Identity".split())
+# op -> which inputs must share one dtype (ONNX's type constraint T)
+_SAME_DTYPE = {
+    **{op: slice(0, 2) for op in ELEMENTWISE_BINARY - {"Pow"}},
+    "Where": slice(1, 3), "MatMul": slice(0, 2), "Linear": slice(0, 3), "Conv": slice(0, 3),
+    "Concat": slice(0, None), "LayerNorm": slice(0, 3),
+}
 
 
 def broadcast_shapes(node: Node, *shapes: tuple[int, ...]) -> tuple[int, ...]:
@@ -34,6 +41,8 @@ def infer_types(graph: Graph, node: Node) -> list[TensorType]:
     """Output types of ``node`` from its input types and attributes."""
     ins = [graph.type_of(n) if n else None for n in node.inputs]
     op = node.op
+    if op in _SAME_DTYPE:
+        _check_same_dtype(node, ins[_SAME_DTYPE[op]])
     if op in ELEMENTWISE_BINARY or op == "Where":
         shape = broadcast_shapes(node, *(t.shape for t in ins))
         dtype = "bool" if op in _BOOL_OUT else ins[-1 if op == "Where" else 0].dtype
@@ -50,6 +59,12 @@ def infer_types(graph: Graph, node: Node) -> list[TensorType]:
     if rule is None:
         raise UnsupportedOpError(op, node.name, "no shape rule")
     return [rule(graph, node, ins)]
+
+
+def _check_same_dtype(node: Node, types) -> None:
+    dtypes = sorted({t.dtype for t in types if t is not None})
+    if len(dtypes) > 1:
+        raise ModelFormatError(f"node '{node.name}' ({node.op}): operand dtypes {' and '.join(dtypes)} differ")
 
 
 def _matmul(graph, node, ins):

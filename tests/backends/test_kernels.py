@@ -132,3 +132,23 @@ def test_avx512_fma_in_asm():
                  K.qlinear_kernel(32, 64, 96, 4, 32, False, True, HOST)):
         asm = _build(func).inspect_source("asm")
         assert "vfmadd231ps\t%zmm" in asm or "vfmadd231ps %zmm" in asm
+
+
+def test_call_tir_in_relax_module():
+    """The kernels drop into a Relax function via call_tir and survive tvm.compile's pipeline."""
+    from tvm import relax
+
+    m, k, n, bits, gs = 4, 64, 32, 4, 32
+    rng = np.random.default_rng(4)
+    packed, scales, _ = _quantized(rng, n, k, bits, gs, True)
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType((m, k), "float32"))
+    with bb.function("main", [xv]):
+        gv = bb.add_func(K.qlinear_kernel(m, k, n, bits, gs, True, False, HOST), "qlinear0")
+        out = bb.emit(relax.call_tir(gv, [xv, relax.const(packed), relax.const(scales)],
+                                     relax.TensorType((m, n), "float32")))
+        bb.emit_func_output(out)
+    vm = relax.VirtualMachine(tvm.compile(bb.get(), target=HOST), tvm.cpu())
+    want = x @ quant.dequantize_weight(packed, scales, None, bits, gs, k)
+    _close(vm["main"](tvm.runtime.tensor(x)).numpy(), want)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -159,11 +158,18 @@ def test_shape_subgraph_is_folded_away():
     assert graph.nodes[0].attrs["shape"] == (2, 12)
 
 
-def test_gemm_becomes_linear_with_transposed_weight(mlp_onnx):
-    graph = load_onnx(mlp_onnx)
-    linear = next(n for n in graph.nodes if n.op == "Linear")
-    assert graph.constants[linear.inputs[1]].shape == (128, 32)
-    assert graph.metadata["source"] == str(mlp_onnx) and graph.metadata["opset"] == 17
+def test_gemm_becomes_linear_with_transposed_weight():
+    nodes, feeds, inits, opset, _ = CASES["gemm_transB"]
+    graph = load_onnx(_model(nodes, feeds, inits, opset))
+    (linear,) = graph.nodes
+    assert linear.op == "Linear" and graph.constants[linear.inputs[1]].shape == (4, 5)
+    assert graph.metadata["source"] == "<ModelProto>" and graph.metadata["opset"] == 17
+
+
+def test_operand_dtype_mismatch_is_a_format_error():
+    model = _model([_node("MatMul", ["x", "w"])], {"x": X}, {"w": np.ones((4, 2))})  # float64 weight
+    with pytest.raises(ModelFormatError, match="MatMul_y.*float32 and float64"):
+        load_onnx(model)
 
 
 def test_com_microsoft_gelu():
@@ -219,6 +225,16 @@ def test_output_name_survives_identity():
     model = _model([_node("Relu", ["x"], ["r"]), _node("Identity", ["r"])], {"x": X})
     graph = load_onnx(model)
     assert graph.outputs == ["y"] and [n.op for n in graph.nodes] == ["Relu"]
+
+
+def test_constant_and_input_outputs_keep_their_names():
+    c = helper.make_node("Constant", [], ["k"], name="c", value=numpy_helper.from_array(_rand(2)))
+    model = _model([c, _node("Identity", ["k"], ["y"]), _node("Identity", ["x"], ["z"])], {"x": X},
+                   outputs=("y", "z"))
+    graph = load_onnx(model)
+    assert graph.outputs == ["y", "z"] and "y" in graph.constants
+    out = run(graph, {"x": X})
+    np.testing.assert_array_equal(out["z"], X)
 
 
 @pytest.mark.slow
