@@ -42,7 +42,9 @@ def test_manifest_contents(tmp_path, mlp_onnx):
 def test_load_refuses_tampered_library(tmp_path, mlp_onnx):
     qcompile.compile(mlp_onnx, output=tmp_path / "a", bits=8)
     lib = tmp_path / "a" / "model.so"
-    lib.write_bytes(lib.read_bytes()[:-1] + b"\0")
+    data = lib.read_bytes()
+    lib.unlink()  # a new inode: the compile step has the original mapped in this process
+    lib.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     with pytest.raises(ArtifactError, match="sha256"):
         qcompile.load(tmp_path / "a")
 

@@ -115,6 +115,25 @@ def test_reductions_softmax_layernorm(tmp_path):
                  {"scale": scale, "bias": bias, "s2": np.full((6, 8), 2.0, np.float32)}, expected, list(expected))
 
 
+def test_row_reductions_vector_width(tmp_path):
+    """Rows a multiple of the vector width take the rfactor schedule (RowReduction)."""
+    x = _rand(2, 3, 64) * 4
+    scale, bias = _rand(64, seed=1), _rand(64, seed=2)
+    e = np.exp(x - x.max(-1, keepdims=True))
+    sm = e / e.sum(-1, keepdims=True)
+    nodes = [("Softmax", ["x"], ["sm"], {"axis": -1}), ("IsNaN", ["sm"], ["nan"], {}),
+             ("Where", ["nan", "zero", "sm"], ["masked"], {}),
+             ("Add", ["x", "x"], ["x2"], {}), ("LayerNorm", ["x2", "scale", "bias"], ["ln"], {"axis": -1, "epsilon": 1e-12}),
+             ("ReduceMax", ["x"], ["mx"], {"axes": (-1,), "keepdims": True}),
+             ("Sub", ["x", "mx"], ["centred"], {})]
+    ln2 = (2 * x - 2 * x.mean(-1, keepdims=True)) / np.sqrt(4 * x.var(-1, keepdims=True) + 1e-12) * scale + bias
+    expected = {"sm": sm, "nan": np.isnan(sm), "masked": sm, "x2": 2 * x, "ln": ln2, "mx": x.max(-1, keepdims=True),
+                "centred": x - x.max(-1, keepdims=True)}
+    expected = {k: v.astype(np.float32) if v.dtype == np.float64 else v for k, v in expected.items()}
+    _compile_run(tmp_path, nodes, {"x": x}, {"scale": scale, "bias": bias, "zero": np.zeros(1, np.float32)},
+                 expected, ["masked", "ln", "centred"], rtol=1e-5, atol=1e-5)
+
+
 def test_data_movement(tmp_path):
     x = _rand(2, 3, 4)
     idx = np.array([[0, -1], [2, 1]], np.int64)
