@@ -1,7 +1,7 @@
 """Scheduled TIR kernels for the linear-algebra ops (Linear, QLinear, batched MatMul, QGather).
 
 Each builder returns a PrimFunc in destination-passing style (output last), already scheduled for
-the given target by ``qcompile.schedules.llvm`` and marked ``tir.is_scheduled`` so the default
+the given target by ``qcompile.schedules.llvm`` and marked ``tirx.is_scheduled`` (the name dlight reads) so the default
 pipeline and dlight leave it alone. No ``global_symbol`` is set: the caller names the function
 (``bb.call_tir(bb.add_func(f, name), ...)``).
 
@@ -197,4 +197,4 @@ def _finish(args, target, schedule) -> tirx.PrimFunc:
     func = sch.mod["main"]
     if func.attrs is not None and "global_symbol" in func.attrs:
         func = func.without_attr("global_symbol")
-    return func.with_attr("tir.is_scheduled", True)
+    return func.with_attr("tirx.is_scheduled", True)

@@ -108,8 +108,6 @@ class _Ctx:
         if gvar is None:
             func = getattr(kernels, builder)(*params, self.target)
             func = func.with_attr("op_pattern", OPAQUE)
-            if func.attrs is not None and "tir.is_scheduled" in func.attrs:  # dlight reads the tirx name
-                func = func.with_attr("tirx.is_scheduled", True)
             gvar = self.bb.add_func(func, f"{builder.replace('_kernel', '')}_{len(self._kernels)}")
             self._kernels[key] = gvar
         return self.emit(relax.call_tir(gvar, args, relax.TensorType(out_shape, out_dtype)))

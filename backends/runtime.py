@@ -1,11 +1,14 @@
 """Run a built ``model.so`` with numpy arrays on the host.
 
-Threads: TVM's CPU thread pool is created the first time a parallel kernel runs, and it
-reads ``TVM_NUM_THREADS`` then (its own default is half the cores on x86). ``HostModule``
-therefore sets ``TVM_NUM_THREADS`` (``num_threads``, default ``os.cpu_count()``) in the
-environment before the first run, and also calls ``runtime.config_threadpool`` so the size
-is right even when another module already started the pool in this process. The pool is
-per process: the last ``HostModule`` created decides its size.
+Threads: TVM's CPU thread pool is created the first time a parallel kernel runs in the
+process; it reads ``TVM_NUM_THREADS`` then (its own default is half the cores on x86)
+and can never grow past that size afterwards, only use fewer workers.
+:func:`set_num_threads` therefore (1) sets ``TVM_NUM_THREADS`` to at least
+``os.cpu_count()`` so a pool created later has every core, and (2) calls
+``runtime.config_threadpool`` to use exactly the requested number of workers
+(``num_threads``, default ``os.cpu_count()``). The pool is per process: the last
+``HostModule`` created decides how many workers run. A pool that an earlier TVM user of
+the process started with fewer threads stays that small.
 
 The library's ``main`` returns a tuple of the graph outputs in order (see
 :mod:`qcompile.backends.relax_lowering`); callers get a dict name -> array.
@@ -21,16 +24,21 @@ from qcompile.errors import InputError
 
 __all__ = ["HostModule", "set_num_threads"]
 
+_AFFINITY_BIG = 1  # threading::ThreadGroup::kBig, the mode the pool starts in
+
 
 def set_num_threads(num_threads: int | None = None) -> int:
-    """Size TVM's CPU thread pool; returns the thread count used."""
+    """Use ``num_threads`` workers (default: every core) in TVM's CPU pool; returns it."""
     import tvm
 
-    count = int(num_threads or os.cpu_count() or 1)
-    os.environ["TVM_NUM_THREADS"] = str(count)
+    cores = os.cpu_count() or 1
+    count = int(num_threads or cores)
+    if count < 1:
+        raise InputError(f"num_threads must be >= 1, got {num_threads}")
+    os.environ["TVM_NUM_THREADS"] = str(max(count, cores))
     config = tvm.get_global_func("runtime.config_threadpool", allow_missing=True)
     if config is not None:
-        config(0, count)
+        config(_AFFINITY_BIG, count)
     return count
 
 

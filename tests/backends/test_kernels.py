@@ -107,7 +107,7 @@ def test_generic_target_linear_and_qlinear():
 
 def test_attributes_and_errors():
     func = K.linear_kernel(4, 8, 16, True, HOST)
-    assert bool(func.attrs["tir.is_scheduled"])
+    assert bool(func.attrs["tirx.is_scheduled"])
     assert "global_symbol" not in func.attrs
     with pytest.raises(ValueError, match="multiple of group_size"):
         K.qlinear_kernel(4, 40, 16, 4, 32, True, False, HOST)

@@ -324,3 +324,22 @@ def test_minilm_fp32_matches_onnxruntime(tmp_path, minilm_onnx, minilm_feeds):
     ref = ort.InferenceSession(str(minilm_onnx), providers=["CPUExecutionProvider"]).run(None, minilm_feeds)[0]
     rel = float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
     assert rel <= 1e-4, rel
+
+
+def test_host_module_threads_and_profile(tmp_path):
+    """num_threads sizes TVM's pool both ways after it started; profile() lists the kernels."""
+    import os
+
+    import tvm
+
+    from qcompile.backends.runtime import HostModule
+
+    x = _rand(64, 256)
+    path = _compile_run(tmp_path, [("Relu", ["x"], ["y"], {})], {"x": x}, {}, {"y": np.maximum(x, 0)}, ["y"])
+    num_threads = tvm.get_global_func("runtime.NumThreads")
+    for want in (1, min(2, os.cpu_count() or 1)):
+        module = HostModule(path, ["x"], ["y"], num_threads=want)
+        np.testing.assert_array_equal(module({"x": x})["y"], np.maximum(x, 0))
+        assert num_threads() == want
+    rows = module.profile({"x": x}, repeat=2)
+    assert any(r["calls"] == 1 and r["best_ms"] >= 0 for r in rows if "relu" in r["kernel"]), rows
