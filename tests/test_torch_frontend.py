@@ -19,25 +19,22 @@ class Block(torch.nn.Module):
         return x + self.down(torch.nn.functional.gelu(self.up(self.norm(x))))
 
 
-def test_torch_module_matches_eager(tmp_path):
+def _compile_block(tmp_path, bits):
     torch.manual_seed(0)
     module = Block().eval()
     x = torch.randn(2, 16, 64)
-    art = qcompile.compile(module, example_inputs=(x,), output=tmp_path / "t", bits=16)
-    got = art.load()(x.numpy())
+    art = qcompile.compile(module, example_inputs=(x,), output=tmp_path / f"w{bits}", bits=bits)
     with torch.no_grad():
-        ref = module(x).numpy()
+        return art.load()(x.numpy()), module(x).numpy()
+
+
+def test_torch_module_matches_eager(tmp_path):
+    got, ref = _compile_block(tmp_path, 16)
     assert got.shape == ref.shape
     assert np.max(np.abs(got - ref)) / np.max(np.abs(ref)) < 1e-4
 
 
 def test_torch_module_quantized(tmp_path):
-    torch.manual_seed(0)
-    module = Block().eval()
-    x = torch.randn(2, 16, 64)
-    art = qcompile.compile(module, example_inputs=(x,), output=tmp_path / "q", bits=8)
-    got = art.load()(x.numpy())
-    with torch.no_grad():
-        ref = module(x).numpy()
+    got, ref = _compile_block(tmp_path, 8)
     cos = float(np.sum(got * ref) / (np.linalg.norm(got) * np.linalg.norm(ref)))
     assert cos > 0.999
