@@ -16,6 +16,8 @@ import scipy.special
 
 from .errors import InputError, InvariantError, UnsupportedOpError
 from .ir import Graph, Node
+from .interpreter_quant import QUANT_KERNELS
+from .interpreter_int8 import INT8_KERNELS
 from .quant import dequantize_weight
 
 __all__ = ["run", "run_node", "KERNELS", "dequantize_qgather_table", "dequantize_qlinear_weight"]
@@ -133,6 +135,14 @@ def _gelu(g, n, a):
     return (np.float32(0.5) * x * (1 + _erf(x / np.float32(np.sqrt(2))))).astype(x.dtype)
 
 
+def _hadamard(g, n, a):
+    from .hadamard import hadamard_transform
+
+    if n.attrs.get("axis", -1) not in (-1, a[0].ndim - 1):
+        raise UnsupportedOpError(n.op, n.name, "Hadamard is defined on the last axis only")
+    return hadamard_transform(a[0], int(n.attrs["size"]))
+
+
 def _cast(g, n, a):
     return a[0].astype(n.attrs["to"])
 
@@ -166,11 +176,18 @@ def _reduce_l2(x, axis, keepdims):
 
 # ---------------------------------------------------------------------------- linear algebra
 def _matmul(g, n, a):
-    return np.matmul(a[0], a[1])
+    # contiguous operands keep numpy on its BLAS path (strided views fall back to slow loops)
+    return np.matmul(np.ascontiguousarray(a[0]), np.ascontiguousarray(a[1]))
+
+
+def _rows_matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """x[..., K] @ w[K, N] as one 2-D BLAS call."""
+    y = np.ascontiguousarray(x).reshape(-1, x.shape[-1]) @ np.ascontiguousarray(w)
+    return y.reshape(*x.shape[:-1], w.shape[-1])
 
 
 def _linear(g, n, a):
-    y = np.matmul(a[0], a[1])
+    y = _rows_matmul(a[0], a[1])
     return y + a[2] if len(a) > 2 and a[2] is not None else y
 
 
@@ -182,7 +199,7 @@ def dequantize_qlinear_weight(graph: Graph, node: Node, args: list) -> np.ndarra
 
 
 def _qlinear(g, n, a):
-    y = np.matmul(a[0], dequantize_qlinear_weight(g, n, a))
+    y = _rows_matmul(a[0], dequantize_qlinear_weight(g, n, a))
     return (y + a[4] if len(a) > 4 and a[4] is not None else y).astype(a[0].dtype)
 
 
@@ -294,6 +311,7 @@ KERNELS: dict[str, Kernel] = {
     **{op: _binary(fn) for op, fn in _BINARY.items()},
     **{op: _unary(fn) for op, fn in _UNARY.items()},
     "Where": _where, "Clip": _clip, "Gelu": _gelu, "Cast": _cast,
+    "Hadamard": _hadamard,
     "Softmax": _softmax, "LayerNorm": _layer_norm,
     "ReduceMean": _reduce(np.mean), "ReduceSum": _reduce(np.sum), "ReduceMax": _reduce(np.max),
     "ReduceMin": _reduce(np.min), "ReduceL2": _reduce(_reduce_l2),
@@ -301,4 +319,6 @@ KERNELS: dict[str, Kernel] = {
     "Reshape": _reshape, "Transpose": _transpose, "Gather": _gather, "Slice": _slice,
     "Concat": _concat, "Expand": _expand,
     "Conv": _conv, "MaxPool": _pool("max"), "AveragePool": _pool("avg"), "GlobalAveragePool": _global_avg_pool,
+    **QUANT_KERNELS,
+    **INT8_KERNELS,
 }
