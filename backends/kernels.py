@@ -24,6 +24,8 @@ from tvm import te, tirx
 
 from qcompile.schedules import llvm as sched_llvm
 
+from . import gemv_kernels
+
 __all__ = [
     "SUPPORTED_BITS",
     "linear_kernel",
@@ -42,6 +44,8 @@ def linear_kernel(m: int, k: int, n: int, has_bias: bool, target) -> tirx.PrimFu
     w = te.placeholder((k, n), "float32", name="w")
     bias = te.placeholder((n,), "float32", name="bias") if has_bias else None
     mm = _matmul(x, lambda r, j: w[r, j], m, k, n)
+    if gemv_kernels.use_fp32_gemv(m, k, n, target):  # decode: stream w once (backends/gemv_kernels.py)
+        return gemv_kernels.gemv_kernel(m, k, n, has_bias, target)
     y = _epilogue(mm, bias)
     args = [x, w] + ([bias] if has_bias else []) + [y]
     return _finish(args, target, lambda sch, p: sched_llvm.schedule_gemm(
@@ -49,15 +53,21 @@ def linear_kernel(m: int, k: int, n: int, has_bias: bool, target) -> tirx.PrimFu
 
 
 def qlinear_kernel(m: int, k: int, n: int, bits: int, group_size: int, symmetric: bool,
-                   has_bias: bool, target) -> tirx.PrimFunc:
+                   has_bias: bool, target, act_int8: bool = False) -> tirx.PrimFunc:
     """Fused weight-only quantized linear: y = x @ dequant(qweight) (+ bias).
 
     Args: x f32[m, k], qweight uint8[n, ceil(k*bits/8)], scales f32[n, G],
     zeros f32[n, G] (only if not symmetric), bias f32[n] (if has_bias), y f32[m, n];
     G = k // group_size (1 if group_size is 0).
+    For m <= ``gemv_kernels.GEMV_MAX_M`` this returns the streaming GEMV of
+    :mod:`qcompile.backends.gemv_kernels` where a variant fits (``act_int8``: int8 activations
+    through VNNI, like onnxruntime's accuracy_level 4; default exact f32 activations).
     """
     _check_dims(m=m, k=k, n=n)
     gs, groups = _groups(k, group_size, bits)
+    if gemv_kernels.gemv_variant(m, k, n, bits, group_size, target, act_int8) is not None:
+        return gemv_kernels.qgemv_kernel(m, k, n, bits, group_size, symmetric, has_bias, target,
+                                         act_int8)
     qweight = te.placeholder((n, _packed_len(k, bits)), "uint8", name="qweight")
     scales = te.placeholder((n, groups), "float32", name="scales")
     zeros = None if symmetric else te.placeholder((n, groups), "float32", name="zeros")

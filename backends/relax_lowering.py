@@ -34,6 +34,9 @@ from qcompile.errors import InvariantError, UnsupportedOpError
 from qcompile.ir import Graph, Node
 
 from . import kernels
+from .hadamard_lowering import lower_hadamard
+from .relax_lowering_quant import QUANT_LOWERINGS
+from .int8_lowering import INT8_LOWERINGS
 
 
 __all__ = ["lower_graph", "SUPPORTED_OPS"]
@@ -392,6 +395,7 @@ _RULES = MappingProxyType({
     "Where": (_where, frozenset()),
     "Clip": (_clip, frozenset({"min", "max"})),
     "Gelu": (_gelu, frozenset({"approximate"})),
+    "Hadamard": (lower_hadamard, frozenset({"size", "axis"})),
     "Cast": (_cast, frozenset({"to"})),
     "Softmax": (_softmax, frozenset({"axis"})),
     "LayerNorm": (_layer_norm, frozenset({"axis", "epsilon"})),
@@ -410,6 +414,8 @@ _RULES = MappingProxyType({
     "MaxPool": (_pool, frozenset(_POOL_ATTRS)),
     "AveragePool": (_pool, frozenset(_POOL_ATTRS)),
     "GlobalAveragePool": (_global_avg_pool, frozenset()),
+    **QUANT_LOWERINGS,
+    **INT8_LOWERINGS,
 })
 SUPPORTED_OPS = frozenset(_RULES)
 

@@ -22,11 +22,19 @@ longer used are removed. ``graph.metadata["quant_recipe"]`` lists, in node order
 per rewritten node: node, op, shape, bits, group_size, symmetric, method, clip_search,
 weight_bytes_fp32, weight_bytes_packed (codes + scales + zeros), rel_error (||W-Wq||/||W||).
 A weight shared by several nodes is quantized once and listed for each node.
+
+Hooks (used by GPTQ and mixed precision; defaults reproduce plain RTN):
+``layer_bits`` maps Linear node names to their own bit width (else ``config.bits``);
+``quantizer`` is a :class:`LinearQuantizer` that quantizes a Linear's weight
+(``quantize(node, W, bits, group_size, symmetric, clip_search) -> PackedWeight | None``;
+None falls back to RTN for that node); its ``method`` is written to the QuantSpec and recipe.
+Embedding tables always use RTN.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Mapping, Protocol
 
 from qcompile.errors import InvariantError
 from qcompile.ir import Graph, Node, QuantSpec
@@ -35,9 +43,18 @@ from .base import Pass, PassResult
 from .quant_config import WeightQuantConfig
 from .rtn import PackedWeight, quantize_and_pack, relative_error
 
-__all__ = ["QuantizeWeightsPass"]
+__all__ = ["QuantizeWeightsPass", "LinearQuantizer"]
 
 logger = logging.getLogger(__name__)
+
+
+class LinearQuantizer(Protocol):
+    """Quantizes one Linear weight W[K, N]; returns None to leave it to RTN."""
+
+    method: str
+
+    def quantize(self, node: str, w, bits: int, group_size: int, symmetric: bool,
+                 clip_search: bool) -> PackedWeight | None: ...
 
 
 class QuantizeWeightsPass(Pass):
@@ -45,8 +62,11 @@ class QuantizeWeightsPass(Pass):
 
     name = "QuantizeWeightsPass"
 
-    def __init__(self, config: WeightQuantConfig | None = None):
+    def __init__(self, config: WeightQuantConfig | None = None, *, layer_bits: Mapping[str, int] | None = None,
+                 quantizer: LinearQuantizer | None = None):
         self.config = config or WeightQuantConfig()
+        self.layer_bits = dict(layer_bits or {})
+        self.quantizer = quantizer
 
     def call(self, graph: Graph) -> PassResult:
         g = graph.copy()
@@ -83,13 +103,14 @@ class QuantizeWeightsPass(Pass):
         if wt.size < self.config.min_linear_size:
             return None
         cfg = self.config
-        names, pw, err = _quantized(g, cache, w, node.name, g.constants[w], cfg.bits, cfg.group_size,
-                                    cfg.symmetric, cfg.clip_search, axis=0)
+        bits = self.layer_bits.get(node.name, cfg.bits)
+        names, pw, err, method = _quantized(g, cache, w, node.name, g.constants[w], bits, cfg.group_size,
+                                            cfg.symmetric, cfg.clip_search, axis=0, quantizer=self.quantizer)
         bias = node.inputs[2] if len(node.inputs) > 2 else ""
         inputs = [node.inputs[0], names["q"], names["scales"], names["zeros"], bias]
-        attrs = {"bits": cfg.bits, "group_size": cfg.group_size, "symmetric": cfg.symmetric}
+        attrs = {"bits": bits, "group_size": cfg.group_size, "symmetric": cfg.symmetric}
         g.nodes[index] = Node("QLinear", node.name, inputs, list(node.outputs), attrs)
-        return _entry(node.name, "QLinear", wt.shape, pw, cfg.symmetric, cfg.clip_search, wt.nbytes, err)
+        return _entry(node.name, "QLinear", wt.shape, pw, cfg.symmetric, cfg.clip_search, wt.nbytes, err, method)
 
     def _rewrite_gather(self, g: Graph, index: int, cache) -> dict | None:
         node = g.nodes[index]
@@ -104,8 +125,8 @@ class QuantizeWeightsPass(Pass):
             return None
         bits, gs, sym = cfg.embedding_bits, cfg.embedding_group_size, cfg.embedding_symmetric
         # rows are output channels: quantize T^T [D, V] so that groups run along D
-        names, pw, err = _quantized(g, cache, table, node.name, g.constants[table].T, bits, gs, sym,
-                                    cfg.clip_search, axis=1)
+        names, pw, err, _ = _quantized(g, cache, table, node.name, g.constants[table].T, bits, gs, sym,
+                                       cfg.clip_search, axis=1)
         inputs = [names["q"], names["scales"], names["zeros"], indices]
         attrs = {"bits": bits, "group_size": gs, "symmetric": sym}
         g.nodes[index] = Node("QGather", node.name, inputs, list(node.outputs), attrs)
@@ -113,26 +134,31 @@ class QuantizeWeightsPass(Pass):
 
 
 def _quantized(g: Graph, cache: dict, weight: str, node_name: str, matrix, bits: int, group_size: int,
-               symmetric: bool, clip_search: bool, axis: int):
+               symmetric: bool, clip_search: bool, axis: int, quantizer: LinearQuantizer | None = None):
     """Quantize ``matrix`` ([K, N], groups along K) once per setting; add its constants to g."""
     key = (weight, axis, bits, group_size, symmetric, clip_search)
     if key not in cache:
-        pw = quantize_and_pack(matrix, bits, group_size, symmetric, clip_search, name=node_name)
+        pw = None
+        if quantizer is not None:
+            pw = quantizer.quantize(node_name, matrix, bits, group_size, symmetric, clip_search)
+        method = "rtn" if pw is None else quantizer.method
+        if pw is None:
+            pw = quantize_and_pack(matrix, bits, group_size, symmetric, clip_search, name=node_name)
         k, n = pw.logical_shape
         logical = (k, n) if axis == 0 else (n, k)
         spec = QuantSpec(bits=bits, symmetric=symmetric, axis=axis, group_size=group_size,
-                         logical_shape=logical, method="rtn")
+                         logical_shape=logical, method=method)
         names = {
             "q": g.add_constant(g.fresh_name(f"{weight}.qweight"), pw.packed, spec),
             "scales": g.add_constant(g.fresh_name(f"{weight}.scales"), pw.scales),
             "zeros": "" if pw.zeros is None else g.add_constant(g.fresh_name(f"{weight}.zeros"), pw.zeros),
         }
-        cache[key] = (names, pw, relative_error(matrix, pw.dequantize()))
+        cache[key] = (names, pw, relative_error(matrix, pw.dequantize()), method)
     return cache[key]
 
 
 def _entry(node: str, op: str, shape, pw: PackedWeight, symmetric: bool, clip_search: bool,
-           fp32_bytes: int, rel_error: float) -> dict:
+           fp32_bytes: int, rel_error: float, method: str = "rtn") -> dict:
     return {
         "node": node,
         "op": op,
@@ -140,7 +166,7 @@ def _entry(node: str, op: str, shape, pw: PackedWeight, symmetric: bool, clip_se
         "bits": pw.bits,
         "group_size": pw.group_size,
         "symmetric": symmetric,
-        "method": "rtn",
+        "method": method,
         "clip_search": clip_search,
         "weight_bytes_fp32": int(fp32_bytes),
         "weight_bytes_packed": pw.nbytes,

@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 
-from .config import CompileConfig, parse_shape
+from .config import ARM64_CPUS, ARM64_DEFAULT_CPU, CompileConfig, parse_shape
 from .errors import InputError, QCompileError
 
 __all__ = ["main"]
@@ -18,12 +18,15 @@ __all__ = ["main"]
 EXAMPLES = """\
 examples:
   qcompile model.onnx --target llvm --bits 4 --group-size 32 -o out/
+  qcompile model.onnx --target arm64 --cpu neoverse-n2 --bits 4 --group-size 32 -o out_arm/
   qcompile model.onnx --bits 16 --shape input_ids=1x128 --shape attention_mask=1x128 -o out_fp32/
   qcompile run out/ --inputs in.npz --output result.npz
   qcompile inspect out/
+  qcompile model.onnx --method gptq --bits 2.5 --group-size 128 --calib calib.npz -o out/
+  qcompile compare model.onnx out/ --inputs in.npz   # per-layer SQNR / cosine
   qcompile demo            # the embedded default model (all-MiniLM-L6-v2), end to end
 """
-SUBCOMMANDS = ("compile", "run", "inspect", "demo")
+SUBCOMMANDS = ("compile", "run", "inspect", "demo", "compare")
 
 
 def _compile_parser() -> argparse.ArgumentParser:
@@ -33,8 +36,13 @@ def _compile_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", help="ONNX model file")
     p.add_argument("-o", "--output", required=True, help="artifact directory to write")
-    p.add_argument("--target", default="llvm", help="code generation target (default: llvm = this host)")
-    p.add_argument("--bits", type=int, default=4, help="weight bits: 2, 3, 4, 8, or 16 for no quantization (default 4)")
+    p.add_argument("--target", default="llvm",
+                   help="code generation target: llvm = this host (default), arm64 = aarch64 Linux (run here under qemu)")
+    p.add_argument("--cpu", default=None,
+                   help=f"CPU of --target arm64: {', '.join(ARM64_CPUS)} (default {ARM64_DEFAULT_CPU})")
+    p.add_argument("--bits", type=_bits_option, default=4,
+                   help="weight bits: 2, 3, 4, 8, or 16 for no quantization (default 4); a fractional value "
+                        "(e.g. 2.5) is an average: per-layer widths from {2,3,4,8} by mixed precision")
     p.add_argument("--no-quant", action="store_true", help="same as --bits 16")
     p.add_argument("--group-size", type=int, default=0, help="input channels per scale; 0 = per output channel")
     p.add_argument("--symmetric", action="store_true", help="symmetric weight quantization (default asymmetric)")
@@ -44,8 +52,33 @@ def _compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--inputs", help="npz of inputs for the compile-time accuracy check (default: synthesized)")
     p.add_argument("--threads", type=int, default=None, help="runtime threads (default: all cores)")
     p.add_argument("--no-verify", action="store_true", help="skip the compile-time accuracy check")
+    p.add_argument("--passes", default="", metavar="reorder,hadamard",
+                   help="function-preserving passes before quantization, in order: reorder, hadamard")
+    p.add_argument("--requantize", action="store_true",
+                   help="pre-quantized model: dequantize its layers and re-quantize with --bits (default: keep its recipe)")
+    p.add_argument("--method", default="rtn", choices=("rtn", "gptq"),
+                   help="weight quantization: rtn (round to nearest) or gptq (calibrated; default rtn)")
+    p.add_argument("--act-order", action="store_true", help="GPTQ: quantize inputs by decreasing Hessian diagonal")
+    p.add_argument("--calib", default=None, metavar="FILE.npz",
+                   help="calibration inputs for gptq / mixed precision (default: --inputs, else synthesized)")
+    p.add_argument("--size-budget", type=float, default=None, metavar="MB",
+                   help="mixed precision: total weight size of the compiled model in MB")
+    p.add_argument("--fallback", default="off", choices=("off", "auto"),
+                   help="auto: keep layers float whose quantized kernel is estimated slower (default off: warn)")
+    p.add_argument("--act-bits", type=int, default=16, choices=(8, 16),
+                   help="8: int8 activations into integer GEMMs (W8A8 / W4A8 with --bits 4); default 16 (float)")
+    p.add_argument("--act-mode", default="dynamic", choices=("dynamic", "static"),
+                   help="--act-bits 8: per-token dynamic scales, or static per-tensor scales from --calib")
     p.add_argument("-q", "--quiet", action="store_true")
     return p
+
+
+def _bits_option(text: str):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects a number (got '{text}')") from None
+    return int(value) if value.is_integer() else value
 
 
 def _load_npz(path: str) -> dict:
@@ -66,7 +99,10 @@ def _cmd_compile(argv) -> int:
     config = CompileConfig(
         target=args.target, bits=16 if args.no_quant else args.bits, group_size=args.group_size,
         symmetric=args.symmetric, embedding_bits=emb, shapes=dict(parse_shape(s) for s in args.shape),
-        num_threads=args.threads, verify=not args.no_verify,
+        num_threads=args.threads, verify=not args.no_verify, requantize=args.requantize, cpu=args.cpu,
+        passes=tuple(p.strip() for p in args.passes.split(",") if p.strip()),
+        method=args.method, act_order=args.act_order, calib=args.calib, size_budget_mb=args.size_budget,
+        fallback=args.fallback, act_bits=args.act_bits, act_mode=args.act_mode,
     )
     eval_inputs = _load_npz(args.inputs) if args.inputs else None
     art = compile_model(args.model, config, output=args.output, eval_inputs=eval_inputs)
@@ -129,9 +165,35 @@ def _cmd_inspect(argv) -> int:
     recipe = manifest.get("recipe", [])
     print(f"  quantized layers: {len(recipe)}")
     for layer in recipe:
+        if layer.get("method") == "imported":
+            print(f"    {layer.get('node')}: {layer.get('op')} imported from the model: "
+                  + ", ".join(f"{k} {layer[k]}" for k in ("bits", "group_size", "symmetric", "dtype", "granularity", "source")
+                              if k in layer))
+            continue
         print(f"    {layer.get('node')}: {layer.get('op')} {layer.get('bits')}-bit group {layer.get('group_size')} "
               f"{'sym' if layer.get('symmetric') else 'asym'} rel.err {layer.get('rel_error', float('nan')):.4f}")
     print(f"  files: " + ", ".join(f"{k} ({v['bytes']} B, sha256 ok)" for k, v in manifest["files"].items()))
+    return 0
+
+
+def _cmd_compare(argv) -> int:
+    p = argparse.ArgumentParser(prog="qcompile compare",
+                                description="Per-layer error (SQNR, cosine): float vs fake-quant vs the compiled artifact.")
+    p.add_argument("model", help="the ONNX model the artifact was compiled from")
+    p.add_argument("artifact")
+    p.add_argument("--inputs", help="npz of inputs shaped as the artifact's inputs (default: synthesized)")
+    p.add_argument("--calib", help="calibration npz used by the compile (gptq / mixed precision; default: --inputs)")
+    p.add_argument("--json", help="also write the comparison to this JSON file")
+    args = p.parse_args(argv)
+    from .artifact import write_json
+    from .compare import compare_artifact, format_table
+
+    inputs = _load_npz(args.inputs) if args.inputs else None
+    calib = _load_npz(args.calib) if args.calib else None
+    result = compare_artifact(args.model, args.artifact, inputs, calib)
+    print(format_table(result))
+    if args.json:
+        write_json(args.json, result)
     return 0
 
 
@@ -147,7 +209,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="[qcompile] %(message)s")
     for noisy in ("tvm", "torch", "onnxscript", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    handlers = {"run": _cmd_run, "inspect": _cmd_inspect, "demo": _cmd_demo, "compile": _cmd_compile}
+    handlers = {"run": _cmd_run, "inspect": _cmd_inspect, "demo": _cmd_demo, "compile": _cmd_compile,
+                "compare": _cmd_compare}
     command = argv[0] if argv and argv[0] in SUBCOMMANDS else "compile"
     rest = argv[1:] if argv and argv[0] in SUBCOMMANDS else argv
     try:

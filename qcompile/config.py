@@ -6,10 +6,17 @@ from dataclasses import asdict, dataclass, field
 
 from .errors import InputError
 
-__all__ = ["CompileConfig", "SUPPORTED_TARGETS", "parse_shape"]
+__all__ = ["CompileConfig", "SUPPORTED_TARGETS", "ARM64_CPUS", "ARM64_DEFAULT_CPU", "parse_shape"]
 
-SUPPORTED_TARGETS = ("llvm",)
+SUPPORTED_TARGETS = ("llvm", "arm64")
+# CPUs of --target arm64 (their LLVM features: qcompile.backends.arm64.target.CPU_FEATURES)
+ARM64_CPUS = ("cortex-a55", "cortex-a76", "neoverse-n1", "neoverse-n2", "apple-m1")
+ARM64_DEFAULT_CPU = "neoverse-n1"
 WEIGHT_BITS = (2, 3, 4, 8, 16)
+# weight quantization methods (--method): round-to-nearest, or GPTQ on calibration Hessians
+METHODS = ("rtn", "gptq")
+# function-preserving graph passes run before quantization, in the order given (--passes)
+GRAPH_PASSES = ("reorder", "hadamard")
 
 
 @dataclass(frozen=True)
@@ -19,7 +26,24 @@ class CompileConfig:
     ``bits`` 16 means no quantization (the float graph is lowered as is).
     ``group_size`` 0 quantizes per output channel; otherwise groups of that many input
     channels share a scale. ``shapes`` binds dynamic input dimensions, e.g.
-    ``{"input_ids": (1, 128)}``.
+    ``{"input_ids": (1, 128)}``. ``cpu`` picks the CPU of ``target`` "arm64" (one of
+    :data:`ARM64_CPUS`, default :data:`ARM64_DEFAULT_CPU`); the host target detects its own.
+    ``requantize``: for a pre-quantized model, dequantize its imported layers and quantize
+    again with ``bits``/``group_size`` (default: keep the model's own recipe, quantize nothing else).
+    ``passes``: function-preserving rewrites run on the float graph before quantization, in
+    order: "reorder" (passes.reorder_channels, calibrated on the compile's eval inputs) and
+    "hadamard" (passes.hadamard_rotation).
+    ``method``: "rtn" or "gptq" (passes.gptq, calibrated). ``act_order``: GPTQ in order of
+    decreasing Hessian diagonal (static groups). ``calib``: npz of calibration inputs (default:
+    the compile's eval inputs, else synthesized). Mixed precision (passes.mixed_precision)
+    runs when ``bits`` is fractional (an average of code bits in (2, 8), e.g. 2.5) or
+    ``size_budget_mb`` is set (total weight MB of the compiled graph; ``bits`` is then ignored
+    unless it is 16); widths per Linear come from {2, 3, 4, 8}.
+    ``fallback``: "auto" keeps a quantized Linear float when its kernel is estimated slower
+    than the float one (backends.profitability; "off" only warns); the recipe records it.
+    ``act_bits`` 8 quantizes Linear activations too (passes.quantize_activations: int8 GEMMs,
+    weights ``bits`` 8 or 4 symmetric per channel); ``act_mode`` "dynamic" (per token) or
+    "static" (per tensor, calibrated like ``method`` gptq).
     """
 
     target: str = "llvm"
@@ -30,27 +54,68 @@ class CompileConfig:
     shapes: dict = field(default_factory=dict)
     num_threads: int | None = None
     verify: bool = True
+    requantize: bool = False
+    cpu: str | None = None
+    passes: tuple[str, ...] = ()
+    method: str = "rtn"
+    act_order: bool = False
+    calib: str | None = None
+    size_budget_mb: float | None = None
+    fallback: str = "off"
+    act_bits: int = 16
+    act_mode: str = "dynamic"
     version: int = 1
 
     def __post_init__(self):
+        if self.act_bits not in (8, 16):
+            raise InputError(f"--act-bits must be 8 or 16 (got {self.act_bits})")
+        if self.act_mode not in ("dynamic", "static"):
+            raise InputError(f"--act-mode must be dynamic or static (got '{self.act_mode}')")
+        if self.act_bits == 8 and self.bits not in (4, 8):
+            raise InputError(f"--act-bits 8 needs --bits 8 or 4 (got {self.bits})")
+        if self.fallback not in ("off", "auto"):
+            raise InputError(f"--fallback must be off or auto (got '{self.fallback}')")
         if self.target not in SUPPORTED_TARGETS:
             raise InputError(f"--target must be one of {', '.join(SUPPORTED_TARGETS)} (got '{self.target}')")
-        if self.bits not in WEIGHT_BITS:
-            raise InputError(f"--bits must be one of 2, 3, 4, 8, 16 (got {self.bits})")
+        if self.cpu is not None and self.target != "arm64":
+            raise InputError(f"--cpu applies to --target arm64 only (target is '{self.target}')")
+        if self.target == "arm64" and self.cpu not in (None, *ARM64_CPUS):
+            raise InputError(f"--cpu must be one of {', '.join(ARM64_CPUS)} (got '{self.cpu}')")
+        if isinstance(self.bits, bool) or not isinstance(self.bits, (int, float)) or not (
+                self.bits in WEIGHT_BITS or 2 < self.bits < 8):
+            raise InputError(f"--bits must be one of 2, 3, 4, 8, 16 or an average in (2, 8) (got {self.bits})")
+        if self.method not in METHODS:
+            raise InputError(f"--method must be one of {', '.join(METHODS)} (got '{self.method}')")
+        if self.size_budget_mb is not None and not (self.size_budget_mb > 0 and self.bits != 16):
+            raise InputError(f"--size-budget must be a positive number of MB, with quantization on (got {self.size_budget_mb})")
         if self.group_size < 0 or (self.group_size and self.group_size % 8):
             raise InputError(f"--group-size must be 0 (per channel) or a positive multiple of 8 (got {self.group_size})")
         if self.embedding_bits not in (None, 4, 8):
             raise InputError(f"--embedding-bits must be 4, 8 or none (got {self.embedding_bits})")
         if self.num_threads is not None and self.num_threads < 1:
             raise InputError(f"--threads must be >= 1 (got {self.num_threads})")
+        unknown = [p for p in self.passes if p not in GRAPH_PASSES]
+        if isinstance(self.passes, str) or unknown:
+            raise InputError(f"--passes takes a comma-separated list of {', '.join(GRAPH_PASSES)} (got {self.passes!r})")
+
+    @property
+    def target_cpu(self) -> str | None:
+        """The CPU compiled for: ``cpu`` or the target's default (None on the host target)."""
+        return (self.cpu or ARM64_DEFAULT_CPU) if self.target == "arm64" else None
 
     @property
     def quantize(self) -> bool:
         return self.bits != 16
 
+    @property
+    def mixed_precision(self) -> bool:
+        """Per-layer widths chosen under a budget (fractional ``bits`` or ``size_budget_mb``)."""
+        return self.quantize and (self.size_budget_mb is not None or self.bits not in WEIGHT_BITS)
+
     def to_json(self) -> dict:
         data = asdict(self)
         data["shapes"] = {k: list(v) for k, v in sorted(self.shapes.items())}
+        data["passes"] = list(self.passes)
         return data
 
 

@@ -27,7 +27,7 @@ __all__ = ["compile", "load", "Artifact", "CompiledModel", "import_model", "synt
 
 logger = logging.getLogger("qcompile")
 
-BACKENDS = {"llvm": "qcompile.backends.llvm"}
+BACKENDS = {"llvm": "qcompile.backends.llvm", "arm64": "qcompile.backends.arm64"}
 LIBRARY = "model.so"
 
 
@@ -105,21 +105,79 @@ def _check_feeds(graph: Graph, feeds: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------- passes
-def _optimize(graph: Graph, config: CompileConfig) -> tuple[Graph, Graph]:
-    """Return (float graph after folding, graph to build)."""
+def _optimize(graph: Graph, config: CompileConfig, calibration: dict | None = None) -> tuple[Graph, Graph]:
+    """Return (float graph after folding and ``config.passes``, graph to build)."""
     from qcompile.passes.fold_linear import FoldLinearPass
 
+    from qcompile.passes.dequantize_imported import DequantizeImportedPass, has_imported_quantization
+
+    if has_imported_quantization(graph):
+        if not getattr(config, "requantize", False):
+            logger.info("model is pre-quantized: keeping its recipe (use --requantize to re-quantize)")
+            graph = FoldLinearPass()(graph).graph
+            return graph, graph
+        graph = DequantizeImportedPass()(graph).graph
     float_graph = FoldLinearPass()(graph).graph
+    float_graph = _graph_passes(float_graph, config.passes, calibration)
     if not config.quantize:
         return float_graph, float_graph
+    return float_graph, _quantize(float_graph, config, calibration)
+
+
+def _quantize(graph: Graph, config: CompileConfig, calibration: dict | None) -> Graph:
+    """Weight quantization by ``config``: RTN or GPTQ, uniform or mixed precision.
+
+    GPTQ and mixed precision calibrate (passes.calibrate) on ``config.calib`` (npz), else
+    ``calibration`` (the eval inputs; a leading axis that is a multiple of the model's batch
+    is split into samples), else synthesized inputs.
+    """
     from qcompile.passes.quant_config import WeightQuantConfig
     from qcompile.passes.quantize_weights import QuantizeWeightsPass
 
+    if config.act_bits == 8:
+        from qcompile.passes.quantize_activations import quantize_w8a8
+
+        return quantize_w8a8(graph, config, calibration)
     wq = WeightQuantConfig(
-        bits=config.bits, group_size=config.group_size, symmetric=config.symmetric,
-        embedding_bits=config.embedding_bits,
+        bits=4 if config.mixed_precision else int(config.bits), group_size=config.group_size,
+        symmetric=config.symmetric, embedding_bits=config.embedding_bits,
     )
-    return float_graph, QuantizeWeightsPass(wq)(float_graph).graph
+    if config.method == "rtn" and not config.mixed_precision:
+        return QuantizeWeightsPass(wq)(graph).graph
+    from qcompile.passes import calibrate
+
+    arrays = calibrate.load_npz(config.calib) if config.calib else calibration
+    feeds = calibrate.split_batches(graph, arrays) if arrays is not None else [synthesize_inputs(graph)]
+    stats = calibrate.collect_statistics(graph, feeds)
+    if config.mixed_precision:
+        from qcompile.passes.mixed_precision import MixedPrecisionPass
+
+        budget = None if config.size_budget_mb is None else int(config.size_budget_mb * 1e6)
+        avg = None if budget is not None else float(config.bits)
+        return MixedPrecisionPass(wq, stats, avg_bits=avg, size_budget_bytes=budget, method=config.method,
+                                  act_order=config.act_order)(graph).graph
+    from qcompile.passes.gptq import GPTQPass
+
+    return GPTQPass(wq, stats, act_order=config.act_order)(graph).graph
+
+
+def _graph_passes(graph: Graph, names, calibration: dict | None) -> Graph:
+    """Run the function-preserving passes named in ``names`` (CompileConfig.passes), in order.
+
+    "reorder" calibrates on ``calibration`` (the compile's eval inputs) or, without them, on
+    :func:`synthesize_inputs`. The result is the float reference of the verify step.
+    """
+    for name in names:
+        if name == "reorder":
+            from qcompile.passes.reorder_channels import ReorderChannelsPass
+
+            feeds = _check_feeds(graph, calibration) if calibration is not None else synthesize_inputs(graph)
+            graph = ReorderChannelsPass(feeds)(graph).graph
+        elif name == "hadamard":
+            from qcompile.passes.hadamard_rotation import HadamardRotationPass
+
+            graph = HadamardRotationPass()(graph).graph
+    return graph
 
 
 def _layer_report(float_graph: Graph, quant_graph: Graph, feeds: dict) -> list[dict]:
@@ -140,13 +198,15 @@ def _layer_report(float_graph: Graph, quant_graph: Graph, feeds: dict) -> list[d
 
 # ---------------------------------------------------------------------------- compile
 def compile(model, config: CompileConfig | None = None, *, output=None, example_inputs=None,
-            eval_inputs: dict | None = None, **overrides) -> "Artifact":
+            eval_inputs: dict | None = None, calib_inputs: dict | None = None, **overrides) -> "Artifact":
     """Compile ``model`` for ``config.target`` and write the artifact to ``output``.
 
     ``model``: path to an ONNX file, an ``onnx.ModelProto`` or a ``torch.nn.Module`` (then
     ``example_inputs`` is required; it is captured with ``torch.export``). Keyword
     overrides are CompileConfig fields (``bits=4, group_size=32, ...``).
     ``eval_inputs``: inputs for the compile-time accuracy check (default: synthesized).
+    ``calib_inputs``: calibration arrays for GPTQ / mixed precision / reorder (default:
+    ``config.calib``, else ``eval_inputs``); the leading axis may hold several samples.
     """
     config = replace(config or CompileConfig(), **overrides) if overrides else (config or CompileConfig())
     if output is None:
@@ -155,29 +215,57 @@ def compile(model, config: CompileConfig | None = None, *, output=None, example_
     with _phase("import", timings):
         graph, model_sha = import_model(model, config.shapes, example_inputs)
     with _phase("passes", timings):
-        float_graph, graph = _optimize(graph, config)
+        float_graph, graph = _optimize(graph, config, calibration=calib_inputs if calib_inputs is not None else eval_inputs)
     backend = importlib.import_module(BACKENDS[config.target])
+    if graph is not float_graph:
+        graph = _profitability(graph, float_graph, _make_target(backend, config), config.fallback)
     with artifact.staging_dir(Path(output)) as stage:
         with _phase("build", timings):
-            executable = backend.build(graph, backend.host_target(config.num_threads))
-            backend.export_library(executable, stage / LIBRARY)
+            executable = backend.build(graph, _make_target(backend, config))
+            payload, device = _export(backend, config, executable, stage)
         report = {"timings_s": timings}
         accuracy = {}
         if config.verify:
             with _phase("verify", timings):
                 feeds = _check_feeds(graph, eval_inputs) if eval_inputs is not None else synthesize_inputs(graph)
                 layers, ref_out, fq_out = _layer_report(float_graph, graph, feeds)
-                compiled = CompiledModel(stage / LIBRARY, graph.inputs, graph.outputs, config.num_threads)
+                compiled = CompiledModel(stage / LIBRARY, graph.inputs, graph.outputs, config.num_threads,
+                                         target=config.target)
                 got = compiled.run(feeds)
                 accuracy = _accuracy(ref_out, fq_out, got, eval_inputs is None)
                 report["layers"] = layers
         report.update(_sizes(float_graph, graph))
         report["recipe"] = graph.metadata.get("quant_recipe", [])
+        if "mixed_precision" in graph.metadata:
+            report["mixed_precision"] = graph.metadata["mixed_precision"]
         artifact.write_json(stage / "report.json", report)
-        manifest = _manifest(graph, config, model_sha, accuracy, report, stage)
+        manifest = _manifest(graph, config, model_sha, accuracy, report, stage, payload)
+        if device:
+            manifest["device"] = device
         artifact.write_json(stage / artifact.MANIFEST, manifest)
     logger.info("wrote %s", output)
     return Artifact(Path(output), manifest)
+
+
+def _profitability(graph: Graph, float_graph: Graph, target, mode: str) -> Graph:
+    """Estimate each QLinear vs its float Linear; warn, and with mode "auto" keep it float."""
+    from qcompile.backends.profitability import apply_fallback
+
+    return apply_fallback(graph, float_graph, target, mode)[0]
+
+
+def _make_target(backend, config: CompileConfig):
+    if config.target == "arm64":
+        return backend.arm64_target(config.target_cpu, config.num_threads)
+    return backend.host_target(config.num_threads)
+
+
+def _export(backend, config: CompileConfig, executable, stage: Path) -> tuple[list[str], dict]:
+    """Write the target's payload into ``stage``: (file names, manifest ``device`` section or {})."""
+    if config.target == "arm64":
+        return backend.package(executable, stage, LIBRARY, config.target_cpu)
+    backend.export_library(executable, stage / LIBRARY)
+    return [LIBRARY], {}
 
 
 def _accuracy(ref_out, fq_out, got, synthetic: bool) -> dict:
@@ -204,7 +292,7 @@ def _io_spec(graph: Graph, names) -> list[dict]:
     return [{"name": n, "shape": list(graph.type_of(n).shape), "dtype": graph.type_of(n).dtype} for n in names]
 
 
-def _manifest(graph, config, model_sha, accuracy, report, stage) -> dict:
+def _manifest(graph, config, model_sha, accuracy, report, stage, payload) -> dict:
     import tvm
 
     return {
@@ -218,7 +306,7 @@ def _manifest(graph, config, model_sha, accuracy, report, stage) -> dict:
         "inputs": _io_spec(graph, graph.inputs),
         "outputs": _io_spec(graph, graph.outputs),
         "library": LIBRARY,
-        "files": artifact.file_entries(stage, [LIBRARY, "report.json"]),
+        "files": artifact.file_entries(stage, [*payload, "report.json"]),
         "sizes": report["sizes"],
         "accuracy": accuracy,
     }
@@ -226,14 +314,22 @@ def _manifest(graph, config, model_sha, accuracy, report, stage) -> dict:
 
 # ---------------------------------------------------------------------------- load
 class CompiledModel:
-    """A built model library, callable with numpy arrays."""
+    """A built model library, callable with numpy arrays.
 
-    def __init__(self, library: Path, input_names, output_names, num_threads=None):
-        from qcompile.backends.runtime import HostModule
+    ``target`` "llvm" loads it in this process; "arm64" runs the artifact's runner under qemu.
+    """
 
+    def __init__(self, library: Path, input_names, output_names, num_threads=None, target: str = "llvm"):
         self.input_names = list(input_names)
         self.output_names = list(output_names)
-        self._module = HostModule(str(library), self.input_names, self.output_names, num_threads=num_threads)
+        if target == "arm64":
+            from qcompile.backends.arm64 import open_module
+
+            self._module = open_module(library, self.input_names, self.output_names, num_threads)
+        else:
+            from qcompile.backends.runtime import HostModule
+
+            self._module = HostModule(str(library), self.input_names, self.output_names, num_threads=num_threads)
 
     def run(self, feeds: dict) -> dict[str, np.ndarray]:
         missing = [n for n in self.input_names if n not in feeds]
@@ -265,6 +361,7 @@ def load(path, num_threads=None) -> CompiledModel:
     """Verify the artifact's hashes, then load its library; returns a numpy callable."""
     manifest = artifact.verify(path)
     names = lambda key: [io["name"] for io in manifest[key]]  # noqa: E731
-    model = CompiledModel(Path(path) / manifest["library"], names("inputs"), names("outputs"), num_threads)
+    model = CompiledModel(Path(path) / manifest["library"], names("inputs"), names("outputs"), num_threads,
+                          target=manifest.get("target", "llvm"))
     model.manifest = manifest
     return model

@@ -12,6 +12,7 @@ __all__ = [
     "InputError",
     "ArtifactError",
     "InvariantError",
+    "ToolchainError",
 ]
 
 
@@ -47,3 +48,7 @@ class ArtifactError(QCompileError):
 
 class InvariantError(QCompileError):
     """A pass or the IR verifier found a broken invariant (a bug, not user error)."""
+
+
+class ToolchainError(QCompileError):
+    """An external tool a target needs (cross compiler, emulator, device runtime) is missing or failed."""

@@ -31,6 +31,33 @@ Linear algebra:
       output = dequant(table)[indices]. Packing: qtable uint8 [V, ceil(D*bits/8)] and
       scales/zeros [V, G], i.e. quant.pack_codes with rows = V and the packed axis = D.
 
+Quantization (numerics of the ONNX specification; see qcompile.interpreter_quant):
+  QuantizeLinear(x, scale, zero_point) attrs: qmin, qmax, dtype (storage: int8 uint8 int16
+      uint16 int32; int4/uint4 are int8/uint8 storage with qmin/qmax -8..7 / 0..15).
+      scale f32 / zero_point (dtype) broadcast to x (per-axis and blocked parameters are
+      expanded by the frontend). y = clip(round_half_even(x / scale) + zero_point, qmin, qmax)
+  DequantizeLinear(x, scale, zero_point) -> float32: (float(x) - float(zero_point)) * scale
+  DynamicQuantizeLinear(x) -> (y uint8, scale f32 [], zero_point uint8 []) per ONNX
+  MatMulInteger(a, b, a_zp?, b_zp?) -> int32: (a - a_zp) @ (b - b_zp), int32 accumulation;
+      a_zp per tensor, b_zp per tensor or per column (b 2-D)
+
+Activation quantization, W8A8 (reference: qcompile.interpreter_int8). Codes are uint8 with
+zero point 128: u = q + 128, q in [-127, 127]; rounding is half to even.
+  QuantizeAct(x[..., K]) -> (u uint8[..., K], scale float32[..., 1])
+      attrs: mode ("dynamic" | "static"), scale (float; static only).
+      dynamic (per row): amax = max(max_K |x|, 1e-8); scale = amax / 127;
+          u = clip(rne(x * (127 / amax)), -127, 127) + 128 (all float32).
+      static (per tensor): scale output filled with attr scale;
+          u = clip(rne(x * float32(1 / scale)), -127, 127) + 128.
+  Int8Linear(u uint8[..., K], xscale f32[..., 1], qweight int8 const [K, N], wscale f32 [N], bias f32 [N]?)
+      y = float32(sum_k (u - 128) * qweight[k, n]) * (xscale * wscale[n]) + bias[n];
+      exact integer accumulation (int32). attrs: wbits (qweight lies in +-(2**(wbits-1) - 1)).
+
+Rotation (inserted by passes.hadamard_rotation; see qcompile.hadamard):
+  Hadamard(x) attrs: size, axis (-1 only)
+      y = x @ kron(I, H_size) along the last axis, H_size = qcompile.hadamard.hadamard(size)
+      the orthogonal (normalized) Hadamard matrix; size divides the last dimension.
+
 Data movement:
   Reshape(x) attrs: shape (tuple of ints, fully resolved, no 0/-1)
   Transpose(x) attrs: perm
@@ -55,8 +82,10 @@ ELEMENTWISE_UNARY = frozenset(
 )
 REDUCTIONS = frozenset("ReduceMean ReduceSum ReduceMax ReduceMin ReduceL2".split())
 OTHER_OPS = frozenset(
-    """Where Clip Gelu Cast Softmax LayerNorm MatMul Linear QLinear QGather Reshape Transpose
-    Gather Slice Concat Expand Conv MaxPool AveragePool GlobalAveragePool""".split()
+    """Where Clip Gelu Hadamard Cast Softmax LayerNorm MatMul Linear QLinear QGather Reshape Transpose
+    Gather Slice Concat Expand Conv MaxPool AveragePool GlobalAveragePool
+    QuantizeLinear DequantizeLinear DynamicQuantizeLinear MatMulInteger
+    QuantizeAct Int8Linear""".split()
 )
 ALL_OPS = ELEMENTWISE_BINARY | ELEMENTWISE_UNARY | REDUCTIONS | OTHER_OPS
 

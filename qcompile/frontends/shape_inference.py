@@ -17,6 +17,7 @@ import numpy as np
 from ..errors import ModelFormatError, ShapeError, UnsupportedOpError
 from ..ir import Graph, Node, TensorType
 from ..ops import ELEMENTWISE_BINARY, ELEMENTWISE_UNARY, REDUCTIONS
+from .shape_quant import QUANT_MULTI_RULES, QUANT_RULES
 
 __all__ = ["infer_types", "broadcast_shapes"]
 
@@ -55,7 +56,9 @@ def infer_types(graph: Graph, node: Node) -> list[TensorType]:
         axes, keep = set(node.attrs["axes"]), node.attrs["keepdims"]
         shape = tuple(1 if i in axes else d for i, d in enumerate(ins[0].shape) if keep or i not in axes)
         return [TensorType(shape, ins[0].dtype)]
-    rule = _RULES.get(op)
+    if op in QUANT_MULTI_RULES:
+        return QUANT_MULTI_RULES[op](graph, node, ins)
+    rule = _RULES.get(op) or QUANT_RULES.get(op)
     if rule is None:
         raise UnsupportedOpError(op, node.name, "no shape rule")
     return [rule(graph, node, ins)]

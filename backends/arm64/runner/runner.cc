@@ -126,7 +126,7 @@ ffi::Tensor ReadNpy(const std::string& path) {
   std::vector<int64_t> shape = ParseShape(HeaderField(header, "shape", path));
   ffi::Tensor t = ffi::Tensor::FromNDAlloc(CpuAlloc(), ffi::ShapeView(shape.data(), shape.size()), dtype,
                                            DLDevice{kDLCPU, 0});
-  size_t bytes = ffi::GetDataSize(*t.operator->());
+  size_t bytes = ffi::GetDataSize(t);
   in.read(static_cast<char*>(t.data_ptr()), static_cast<std::streamsize>(bytes));
   if (static_cast<size_t>(in.gcount()) != bytes) throw std::runtime_error(path + ": truncated data");
   return t;
@@ -148,7 +148,7 @@ void WriteNpy(const std::string& path, const ffi::Tensor& t) {
   char le[2] = {static_cast<char>(len & 0xff), static_cast<char>(len >> 8)};
   out.write(le, 2);
   out << header;
-  out.write(static_cast<const char*>(t.data_ptr()), static_cast<std::streamsize>(ffi::GetDataSize(*t.operator->())));
+  out.write(static_cast<const char*>(t.data_ptr()), static_cast<std::streamsize>(ffi::GetDataSize(t)));
   if (!out) throw std::runtime_error(path + ": write failed");
 }
 
@@ -169,7 +169,9 @@ std::vector<ffi::Tensor> Flatten(const ffi::Any& result) {
 }
 
 int Run(int argc, char** argv) {
-  ffi::Module lib = ffi::Module::LoadFromFile(argv[1]);
+  std::string model = argv[1];
+  if (model.find('/') == std::string::npos) model = "./" + model;  // dlopen searches bare names
+  ffi::Module lib = ffi::Module::LoadFromFile(model);
   ffi::Module vm = lib->GetFunction("vm_load_executable").value()().cast<ffi::Module>();
   vm->GetFunction("vm_initialization").value()(static_cast<int>(kDLCPU), 0, kPooledAllocator);
   ffi::Function main_fn = vm->GetFunction("main").value();

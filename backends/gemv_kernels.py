@@ -1,0 +1,445 @@
+"""Decode-time (small m) kernels: memory-bound GEMV for packed low-bit weights and fp32.
+
+Built directly as loop-level TIR with the IR builder (no schedule: the loop nest IS the
+schedule), marked ``tirx.is_scheduled`` like the kernels of :mod:`qcompile.backends.kernels`,
+same argument order and semantics as ``qlinear_kernel`` / ``linear_kernel``.
+
+Why a separate kernel: at m <= 4 a quantized linear reads each packed byte once and does
+O(m) arithmetic on it, so it is bound by memory bandwidth (or by the unpacking work), not by
+FLOPs. The packed layout (``qcompile.quant``: row n of ``uint8[n, ceil(k*bits/8)]`` holds the
+codes of output column n along k, LSB first) already makes each output column one contiguous
+byte stream, so the kernels parallelise over n (both cores, contiguous blocks of columns)
+and stream each row once with vector loads, unpacking codes in registers.
+
+Algebra (both variants): with groups g along k,
+``y[i, n] = sum_g s[n, g] * (sum_{k in g} x[i, k] * code[n, k]) - sum_g s[n, g] * z[n, g] * xsum[i, g]``
+so the inner loop is a pure dot product of codes with (reordered) activations; the
+zero-point term needs only the per-group activation sums, computed once per call.
+Activations are first permuted so that the e-th code of each packed byte (unit) lines up
+with a contiguous vector of x: ``xd[i, c, e, l] = x[i, (c * lanes + l) * cpb + e]``.
+
+Variants:
+
+* ``float``: f32 activations, codes converted to f32 in registers; exact up to f32
+  reassociation. Any bits (3-bit: a unit is 3 bytes holding 8 codes). Portable.
+* ``int8``: activations quantized per block (symmetric int8, per block of ``act_block``
+  codes inside one weight group, the scheme of onnxruntime MatMulNBits accuracy_level 4),
+  then unsigned codes x signed int8 activations through ``vpdpbusd`` (AVX-512 VNNI) into
+  int32, rescaled once per block. 2/4/8 bits. Not bit-exact: the activation rounding
+  error is that of int8 per-block quantization (~0.4% relative per block).
+
+Invariants: f32 output; no fp32 weight is ever materialized; every packed byte is read once
+per call; the zero-point and bias terms are applied once per output.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import tirx
+from tvm.script.ir_builder import IRBuilder
+from tvm.script.ir_builder import tirx as T
+
+__all__ = ["GEMV_MAX_M", "gemv_variant", "use_fp32_gemv", "qgemv_kernel", "gemv_kernel", "has_vnni"]
+
+GEMV_MAX_M = 4  # rows up to which qlinear/linear use these kernels
+ROWS_PER_BLOCK = 32  # output columns per parallel task
+_INTRIN = {16: "llvm.x86.avx512.vpdpbusd.128", 32: "llvm.x86.avx512.vpdpbusd.256",
+           64: "llvm.x86.avx512.vpdpbusd.512"}
+
+
+def has_vnni(target) -> bool:
+    """True for x86 llvm targets with AVX-512 VNNI (+VL): ``vpdpbusd`` on xmm/ymm/zmm."""
+    target = _target(target)
+    if target.kind.name != "llvm":
+        return False
+    has = tvm.target.codegen.target_has_features
+    return bool(has(["avx512vnni"], target) and has(["avx512vl"], target) and has(["avx512bw"], target))
+
+
+def _target(target):
+    return target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
+
+
+def _lanes(target) -> int:
+    from qcompile.schedules import llvm as sched_llvm
+
+    return max(1, sched_llvm.cpu_params(_target(target)).lanes)
+
+
+def _units(bits: int) -> tuple[int, int]:
+    """(bytes, codes) of the smallest whole-byte unit: 3-bit packs 8 codes in 3 bytes."""
+    return (3, 8) if bits == 3 else (1, 8 // bits)
+
+
+def _float_lanes(k: int, group: int, bits: int, lanes: int) -> int:
+    """Vector lanes (units per step) dividing the units of a group; 0 if none fits."""
+    _, cpu = _units(bits)
+    if group % cpu or k % cpu:
+        return 0
+    per_group = group // cpu
+    return next((l for l in (lanes, 8, 4, 2, 1) if l <= lanes and per_group % l == 0), 0)
+
+
+def _int8_plan(k: int, group: int, bits: int) -> tuple[int, int] | None:
+    """(vector bytes, activation block) for the int8 variant, or None if the shape does not fit.
+
+    The vector (16/32/64 bytes: xmm/ymm/zmm) holds whole chunks of codes inside one weight
+    group; the activation block is the weight group, or for one group per column the largest
+    of 256/128/chunk codes dividing k.
+    """
+    if bits not in (2, 4, 8):
+        return None
+    cpb = 8 // bits
+    for vb in (64, 32, 16):
+        chunk = vb * cpb
+        if group % chunk == 0 and k % chunk == 0:
+            if group != k:
+                return vb, group
+            return vb, next(b for b in (256, 128, chunk) if b % chunk == 0 and k % b == 0)
+    return None
+
+
+def gemv_variant(m: int, k: int, n: int, bits: int, group_size: int, target,
+                 act_int8: bool = False) -> str | None:
+    """Which qgemv variant ``qgemv_kernel`` builds for this shape: "int8", "float" or None."""
+    if m > GEMV_MAX_M:
+        return None
+    group = group_size or k
+    if act_int8 and has_vnni(target) and _int8_plan(k, group, bits) is not None:
+        return "int8"
+    return "float" if _float_lanes(k, group, bits, _lanes(target)) else None
+
+
+def qgemv_kernel(m: int, k: int, n: int, bits: int, group_size: int, symmetric: bool,
+                 has_bias: bool, target, act_int8: bool = False) -> tirx.PrimFunc:
+    """Small-m fused dequant GEMV, same arguments as ``kernels.qlinear_kernel``.
+
+    ``act_int8`` selects the int8-activation variant where the target has VNNI and the shape
+    fits (see module docstring); otherwise the float variant. Raises ValueError when no
+    variant fits (``gemv_variant`` returns None): callers then use the GEMM kernel.
+    """
+    variant = gemv_variant(m, k, n, bits, group_size, target, act_int8)
+    if variant is None:
+        raise ValueError(f"no GEMV variant for m={m} k={k} bits={bits} group_size={group_size}")
+    group = group_size or k
+    if variant == "int8":
+        vb, block = _int8_plan(k, group, bits)
+        body = _Int8Gemv(m, k, n, bits, group, symmetric, has_bias, vb, block)
+    else:
+        lanes = _float_lanes(k, group, bits, _lanes(target))
+        body = _FloatGemv(m, k, n, bits, group, symmetric, has_bias, lanes)
+    return _build(body)
+
+
+def use_fp32_gemv(m: int, k: int, n: int, target) -> bool:
+    """Whether ``linear_kernel`` should use :func:`gemv_kernel`: small m, a weight too big for
+    the caches to be reused anyway (k*n >= 1M) and columns that fill whole vectors."""
+    return m <= GEMV_MAX_M and k * n >= (1 << 20) and n % _lanes(target) == 0
+
+
+def gemv_kernel(m: int, k: int, n: int, has_bias: bool, target) -> tirx.PrimFunc:
+    """fp32 y[m, n] = x[m, k] @ w[k, n] (+ bias) for small m, streaming w row by row.
+
+    Parallel over blocks of columns; each thread walks k and accumulates a register strip
+    of ``lanes * 4`` columns (w rows are contiguous, so every byte of w is read once).
+    """
+    return _build(_FloatLinearGemv(m, k, n, has_bias, _lanes(target)))
+
+
+# --------------------------------------------------------------------------------------------
+# builders
+
+
+def _build(body) -> tirx.PrimFunc:
+    with IRBuilder() as ib:
+        with T.prim_func():
+            body.emit()
+    func = ib.get()
+    if func.attrs is not None and "global_symbol" in func.attrs:
+        func = func.without_attr("global_symbol")
+    return func.with_attr("tirx.is_scheduled", True).with_attr("tirx.noalias", True)
+
+
+def _f32(v):
+    return tirx.Cast("float32", v) if v.dtype != "float32" else v
+
+
+def _vec(dtype: str, lanes: int) -> str:
+    return dtype if lanes == 1 else f"{dtype}x{lanes}"
+
+
+def _bcast(value, lanes: int):
+    return value if lanes == 1 else tirx.Broadcast(value, lanes)
+
+
+def _store(buf, value, index, lanes: int):
+    T.buffer_store(buf, value, [tirx.Ramp(index, 1, lanes) if lanes > 1 else index])
+
+
+def _load(buf, index, lanes: int):
+    return buf.vload([index], _vec(buf.dtype, lanes)) if lanes > 1 else buf[index]
+
+
+class _QArgs:
+    """Arguments common to both quantized variants (declared in qlinear_kernel's order)."""
+
+    def __init__(self, m, k, n, bits, group, symmetric, has_bias):
+        self.m, self.k, self.n, self.bits, self.group = m, k, n, bits, group
+        self.symmetric, self.has_bias = symmetric, has_bias
+        self.groups = k // group
+
+    def declare(self):
+        m, k, n = self.m, self.k, self.n
+        self.x = T.arg("x", T.buffer((m, k), "float32"))
+        self.q = T.arg("qweight", T.buffer((n, (k * self.bits + 7) // 8), "uint8"))
+        self.s = T.arg("scales", T.buffer((n, self.groups), "float32"))
+        self.z = None if self.symmetric else T.arg("zeros", T.buffer((n, self.groups), "float32"))
+        self.b = T.arg("bias", T.buffer((n,), "float32")) if self.has_bias else None
+        self.y = T.arg("y", T.buffer((m, n), "float32"))
+
+    def zero(self, j, g):
+        if self.z is None:
+            return tirx.const(float(1 << (self.bits - 1)), "float32")
+        return self.z[j, g]
+
+    def finish_row(self, j, i, acc, lanes, zt, count, zero_term):
+        """y[i, j] = sum of the lanes of acc row i - sum_t zero_term(t) (+ bias[j])."""
+        total = acc[i * lanes]
+        for lane in range(1, lanes):
+            total = total + acc[i * lanes + lane]
+        T.buffer_store(zt, tirx.const(0.0, "float32"), [0])
+        with T.serial(0, count) as t:
+            T.buffer_store(zt, zt[0] + zero_term(t), [0])
+        self.finish(j, i, total - zt[0])
+
+    def finish(self, j, i, value):
+        """y[i, j] = value (+ bias[j])."""
+        if self.b is not None:
+            value = value + self.b[j]
+        T.buffer_store(self.y, value, [i, j])
+
+
+class _FloatGemv(_QArgs):
+    def __init__(self, m, k, n, bits, group, symmetric, has_bias, lanes):
+        super().__init__(m, k, n, bits, group, symmetric, has_bias)
+        self.lanes = lanes
+        self.unit_bytes, self.cpu = _units(bits)
+        self.units = k // self.cpu
+        self.steps_per_group = group // self.cpu // lanes
+
+    def emit(self):
+        self.declare()
+        m, L, cpu = self.m, self.lanes, self.cpu
+        steps = self.units // L
+        xd = T.decl_buffer((m * steps * cpu * L,), "float32")
+        xsum = T.decl_buffer((m * self.groups,), "float32")
+        self._prologue(xd, xsum, steps)
+        U = 2 if self.steps_per_group % 2 == 0 else 1
+        chains = cpu * U  # independent accumulators per row: hide the FMA latency
+
+        def alloc():
+            return (T.decl_buffer((m * L,), "float32", scope="local"),
+                    T.decl_buffer((m * chains * L,), "float32", scope="local"),
+                    T.decl_buffer((1,), "float32", scope="local"))
+
+        def body(j, bufs):
+            acc, part, zt = bufs
+            zero = _bcast(tirx.const(0.0, "float32"), L)
+            for i in range(m):
+                _store(acc, zero, i * L, L)
+            with T.serial(0, self.groups) as g:
+                for a in range(m * chains):
+                    _store(part, zero, a * L, L)
+                with T.serial(0, self.steps_per_group // U) as t:
+                    for u in range(U):
+                        step = g * self.steps_per_group + t * U + u
+                        for e, code in enumerate(self._codes(j, step * L)):
+                            for i in range(m):
+                                xv = _load(xd, ((i * steps + step) * cpu + e) * L, L)
+                                a = ((i * cpu + e) * U + u) * L
+                                _store(part, _load(part, a, L) + xv * code, a, L)
+                scale = _bcast(self.s[j, g], L)
+                for i in range(m):
+                    total = _load(part, i * chains * L, L)
+                    for c in range(1, chains):
+                        total = total + _load(part, (i * chains + c) * L, L)
+                    _store(acc, _load(acc, i * L, L) + total * scale, i * L, L)
+            for i in range(m):
+                self.finish_row(j, i, acc, L, zt, self.groups,
+                                lambda g, i=i: self.s[j, g] * self.zero(j, g) * xsum[i * self.groups + g])
+
+        _parallel_rows(self.n, alloc, body)
+
+    def _prologue(self, xd, xsum, steps):
+        m, L, cpu, k = self.m, self.lanes, self.cpu, self.k
+        with T.serial(0, m) as i:
+            with T.serial(0, k) as kk:
+                unit, e = kk // cpu, kk % cpu
+                step, lane = unit // L, unit % L
+                T.buffer_store(xd, self.x[i, kk], [((i * steps + step) * cpu + e) * L + lane])
+            with T.serial(0, self.groups) as g:
+                T.buffer_store(xsum, tirx.const(0.0, "float32"), [i * self.groups + g])
+                with T.serial(0, self.group) as r:
+                    idx = i * self.groups + g
+                    T.buffer_store(xsum, xsum[idx] + self.x[i, g * self.group + r], [idx])
+
+    def _codes(self, j, unit0):
+        """f32 vectors of the cpu codes of units unit0 .. unit0+lanes-1 of row j."""
+        L, bits, mask = self.lanes, self.bits, (1 << self.bits) - 1
+        i32 = _vec("int32", L)
+        if self.unit_bytes == 1:
+            word = tirx.Cast(i32, _load_row(self.q, j, unit0, L, 1))
+        else:
+            b0, b1, b2 = (tirx.Cast(i32, _load_row(self.q, j, unit0 * 3 + o, L, 3)) for o in range(3))
+            word = b0 | (b1 << _bcast(tirx.const(8, "int32"), L)) | (b2 << _bcast(tirx.const(16, "int32"), L))
+        out = []
+        for e in range(self.cpu):
+            shifted = word if e == 0 else word >> _bcast(tirx.const(bits * e, "int32"), L)
+            code = shifted if bits == 8 else shifted & _bcast(tirx.const(mask, "int32"), L)
+            out.append(tirx.Cast(_vec("float32", L), code))
+        return out
+
+
+def _parallel_rows(n: int, alloc, body) -> None:
+    """Parallel loop over blocks of ``ROWS_PER_BLOCK`` rows, serial inside a block.
+
+    ``alloc()`` declares the per-thread locals once per block (TVM turns allocations inside
+    a parallel body into workspace calls, too slow once per row); ``body(j, locals)``.
+    """
+    per = min(ROWS_PER_BLOCK, n)
+    with T.parallel(0, -(-n // per)) as jo:
+        bufs = alloc()
+        with T.serial(0, per) as jj:
+            j = jo * per + jj
+            if n % per == 0:
+                body(j, bufs)
+            else:
+                with T.If(j < n):
+                    with T.Then():
+                        body(j, bufs)
+
+
+def _load_row(buf, row, start, lanes: int, stride: int):
+    if lanes == 1:
+        return buf[row, start]
+    return tirx.BufferLoad(buf, [row, tirx.Ramp(start, stride, lanes)])
+
+
+class _Int8Gemv(_QArgs):
+    def __init__(self, m, k, n, bits, group, symmetric, has_bias, vb, block):
+        super().__init__(m, k, n, bits, group, symmetric, has_bias)
+        self.vb, self.block = vb, block
+        self.cpb = 8 // bits
+        self.chunk = vb * self.cpb
+        self.nchunks = k // self.chunk
+        self.nblocks = k // block
+        self.chunks_per_block = block // self.chunk
+        self.lanes = vb // 4
+
+    def emit(self):
+        self.declare()
+        m, nb = self.m, self.nblocks
+        xq = T.decl_buffer((m * self.k,), "int8")
+        xs = T.decl_buffer((m * nb,), "float32")
+        xqs = T.decl_buffer((m * nb,), "float32")
+        self._prologue(xq, xs, xqs)
+        L, vb, bits = self.lanes, self.vb, self.bits
+        def alloc():
+            return (T.decl_buffer((m * L,), "float32", scope="local"),
+                    T.decl_buffer((m * L,), "int32", scope="local"),
+                    T.decl_buffer((1,), "float32", scope="local"))
+
+        def body(j, bufs):
+            facc, iacc, zt = bufs
+            for i in range(m):
+                _store(facc, _bcast(tirx.const(0.0, "float32"), L), i * L, L)
+            with T.serial(0, nb) as b:
+                for i in range(m):
+                    _store(iacc, _bcast(tirx.const(0, "int32"), L), i * L, L)
+                with T.serial(0, self.chunks_per_block) as t:
+                    c = b * self.chunks_per_block + t
+                    raw = _load_row(self.q, j, c * vb, vb, 1)
+                    for e in range(self.cpb):
+                        code = raw
+                        if e:
+                            code = code >> _bcast(tirx.const(bits * e, "uint8"), vb)
+                        if bits != 8:
+                            code = code & _bcast(tirx.const((1 << bits) - 1, "uint8"), vb)
+                        code = tirx.call_intrin(f"int8x{vb}", "tirx.reinterpret", code)
+                        for i in range(m):
+                            xv = xq.vload([((i * self.nchunks + c) * self.cpb + e) * vb], f"int8x{vb}")
+                            dot = tirx.call_llvm_pure_intrin(
+                                f"int32x{L}", _INTRIN[vb], _load(iacc, i * L, L), code, xv)
+                            _store(iacc, dot, i * L, L)
+                g = b * self.block // self.group
+                for i in range(m):
+                    scale = _bcast(self.s[j, g] * xs[i * nb + b], L)
+                    conv = tirx.Cast(f"float32x{L}", _load(iacc, i * L, L))
+                    _store(facc, _load(facc, i * L, L) + conv * scale, i * L, L)
+
+            def zero_term(i):
+                def term(b):
+                    g = b * self.block // self.group
+                    return self.s[j, g] * self.zero(j, g) * xs[i * nb + b] * xqs[i * nb + b]
+                return term
+
+            for i in range(m):
+                self.finish_row(j, i, facc, L, zt, nb, zero_term(i))
+
+        _parallel_rows(self.n, alloc, body)
+
+    def _prologue(self, xq, xs, xqs):
+        """Per row and block: scale = absmax / 127, codes round(x / scale), their sum."""
+        m, nb, blk, k = self.m, self.nblocks, self.block, self.k
+        with T.serial(0, m) as i:
+            with T.serial(0, nb) as b:
+                amax = T.decl_buffer((1,), "float32", scope="local")
+                T.buffer_store(amax, tirx.const(0.0, "float32"), [0])
+                with T.serial(0, blk) as r:
+                    T.buffer_store(amax, tirx.max(amax[0], tirx.abs(self.x[i, b * blk + r])), [0])
+                scale = amax[0] * tirx.const(1.0 / 127.0, "float32")
+                inv = tirx.Select(amax[0] > tirx.const(0.0, "float32"),
+                                  tirx.const(127.0, "float32") / amax[0], tirx.const(0.0, "float32"))
+                T.buffer_store(xs, scale, [i * nb + b])
+                T.buffer_store(xqs, tirx.const(0.0, "float32"), [i * nb + b])
+                with T.serial(0, blk) as r:
+                    kk = b * blk + r
+                    qv = tirx.round(self.x[i, kk] * inv)
+                    c, rem = kk // self.chunk, kk % self.chunk
+                    p, e = rem // self.cpb, rem % self.cpb
+                    T.buffer_store(xq, tirx.Cast("int8", qv),
+                                   [((i * self.nchunks + c) * self.cpb + e) * self.vb + p])
+                    T.buffer_store(xqs, xqs[i * nb + b] + qv, [i * nb + b])
+        del k
+
+
+class _FloatLinearGemv:
+    def __init__(self, m, k, n, has_bias, lanes):
+        self.m, self.k, self.n, self.has_bias = m, k, n, has_bias
+        self.lanes = lanes if n % lanes == 0 else 1
+        vecs = next(v for v in (4, 2, 1) if n % (v * self.lanes) == 0)
+        self.strip = vecs * self.lanes
+
+    def emit(self):
+        m, k, n, L, W = self.m, self.k, self.n, self.lanes, self.strip
+        x = T.arg("x", T.buffer((m, k), "float32"))
+        w = T.arg("w", T.buffer((k, n), "float32"))
+        bias = T.arg("bias", T.buffer((n,), "float32")) if self.has_bias else None
+        y = T.arg("y", T.buffer((m, n), "float32"))
+        with T.parallel(0, n // W) as jo:
+            acc = T.decl_buffer((m * W,), "float32", scope="local")
+            for i in range(m):
+                for v in range(W // L):
+                    _store(acc, _bcast(tirx.const(0.0, "float32"), L), i * W + v * L, L)
+            with T.serial(0, k) as r:
+                for v in range(W // L):
+                    wv = _load_row(w, r, jo * W + v * L, L, 1)
+                    for i in range(m):
+                        idx = i * W + v * L
+                        _store(acc, _load(acc, idx, L) + _bcast(x[i, r], L) * wv, idx, L)
+            for i in range(m):
+                for v in range(W // L):
+                    val = _load(acc, i * W + v * L, L)
+                    if bias is not None:
+                        val = val + bias.vload([jo * W + v * L], _vec("float32", L)) if L > 1 else val + bias[jo * W + v]
+                    T.buffer_store(y, val, [i, tirx.Ramp(jo * W + v * L, 1, L)] if L > 1 else [i, jo * W + v])

@@ -1,0 +1,106 @@
+"""Relax lowerings of ``QuantizeAct`` and ``Int8Linear`` (merged into :mod:`.relax_lowering`'s rules).
+
+1. ``QuantizeAct`` dynamic -> one scheduled kernel (per-row absmax + codes, two outputs);
+   static -> one elementwise kernel, the scale output a constant.
+2. ``Int8Linear`` -> one scheduled GEMM kernel: on x86 with AVX-512 VNNI (and K % 4 == 0,
+   N % 16 == 0) the weight constant is packed here, at compile time, to [N/16, K/4, 16, 4]
+   for ``vpdpbusd``; otherwise the portable int32 GEMM takes it as [K, N]. The correction
+   ``128 * sum_k w[k, n]`` (activation zero point) is an int32 constant. When ``xscale``
+   comes from a static ``QuantizeAct``, the kernel takes that scale as a [1, 1] constant.
+
+Kernels are cached per (builder, params) in the lowering context like the float kernels, and
+marked opaque so ``FuseOps`` keeps them whole. Refusal: a non-constant weight raises
+:class:`UnsupportedOpError` naming the node.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from tvm import relax
+
+from qcompile.errors import UnsupportedOpError
+
+from . import int8_kernels
+
+__all__ = ["INT8_LOWERINGS"]
+
+R = relax.op
+OPAQUE = 8  # relax OpPatternKind::kOpaque
+
+
+def _shape(x) -> tuple[int, ...]:
+    return tuple(int(d) for d in x.ty.shape)
+
+
+def _call(ctx, builder: str, params: tuple, args, out_sinfo):
+    key = ("int8_kernels." + builder, params)
+    gvar = ctx._kernels.get(key)  # pylint: disable=protected-access  (the context's kernel cache)
+    if gvar is None:
+        func = getattr(int8_kernels, builder)(*params, ctx.target).with_attr("op_pattern", OPAQUE)
+        gvar = ctx.bb.add_func(func, f"{builder.replace('_kernel', '')}_{len(ctx._kernels)}")
+        ctx._kernels[key] = gvar  # pylint: disable=protected-access
+    return ctx.emit(relax.call_tir(gvar, args, out_sinfo))
+
+
+def _rows(ctx, x):
+    shape = _shape(x)
+    m = math.prod(shape[:-1])
+    return (x if len(shape) == 2 else ctx.emit(R.reshape(x, (m, shape[-1])))), shape[:-1]
+
+
+def _quantize_act(ctx, node):
+    x, lead = _rows(ctx, ctx.get(node.inputs[0]))
+    m, k = _shape(x)
+    if node.attrs.get("mode", "dynamic") == "static":
+        scale = float(node.attrs["scale"])
+        u = _call(ctx, "quantize_static_kernel", (m, k, scale), [x], relax.TensorType((m, k), "uint8"))
+        s = relax.const(np.full((*lead, 1), np.float32(scale), np.float32))
+    else:
+        out = _call(ctx, "quantize_rows_kernel", (m, k), [x],
+                    [relax.TensorType((m, k), "uint8"), relax.TensorType((m, 1), "float32")])
+        u, s = ctx.emit(relax.TupleGetItem(out, 0)), ctx.emit(relax.TupleGetItem(out, 1))
+        if len(lead) != 1:
+            s = ctx.emit(R.reshape(s, (*lead, 1)))
+    if len(lead) != 1:
+        u = ctx.emit(R.reshape(u, (*lead, k)))
+    return [u, s]
+
+
+def _static_scale(ctx, name: str):
+    producer = ctx.graph.producers().get(name)
+    if producer is not None and producer.op == "QuantizeAct" and producer.attrs.get("mode") == "static":
+        return float(producer.attrs["scale"])
+    return None
+
+
+def _int8_linear(ctx, node):
+    wname = node.inputs[2]
+    if not ctx.graph.is_constant(wname):
+        raise UnsupportedOpError(node.op, node.name, "qweight must be a constant")
+    w = ctx.graph.constants[wname]
+    k, n = w.shape
+    u, lead = _rows(ctx, ctx.get(node.inputs[0]))
+    m = _shape(u)[0]
+    static = _static_scale(ctx, node.inputs[1])
+    if static is not None:
+        xscale = relax.const(np.full((1, 1), np.float32(static), np.float32))
+    else:
+        xscale = ctx.emit(R.reshape(ctx.get(node.inputs[1]), (m, 1)))
+    vnni = int8_kernels.vnni_supported(ctx.target) and k % 4 == 0 and n % 16 == 0
+    wconst = relax.const(int8_kernels.pack_vnni(w) if vnni else np.ascontiguousarray(w))
+    corr = relax.const((128 * w.astype(np.int64).sum(axis=0)).astype(np.int32))
+    has_bias = len(node.inputs) > 4 and bool(node.inputs[4])
+    args = [u, xscale, wconst, ctx.get(node.inputs[3]), corr]
+    if has_bias:
+        args.append(ctx.get(node.inputs[4]))
+    params = (m, k, n, has_bias, static is None, vnni)
+    y = _call(ctx, "int8_linear_kernel", params, args, relax.TensorType((m, n), "float32"))
+    return y if len(lead) == 1 else ctx.emit(R.reshape(y, (*lead, n)))
+
+
+INT8_LOWERINGS = {
+    "QuantizeAct": (_quantize_act, frozenset({"mode", "scale"})),
+    "Int8Linear": (_int8_linear, frozenset({"wbits"})),
+}

@@ -1,0 +1,173 @@
+"""GPTQ weight quantization (Frantar et al., 2023) from calibration Hessians.
+
+For a Linear ``y = x @ W`` with W[K, N] and calibration Hessian ``H = sum x^T x`` [K, K],
+GPTQ quantizes the K input rows of W one at a time and spreads each row's rounding error
+over the rows not yet quantized, in proportion to the inverse Hessian, so that the layer's
+output error ``tr(dW^T H dW)`` (not the weight error) is small.
+
+Algorithm (as the reference implementation): dampen ``H += percdamp * mean(diag H) * I``
+(default 1%); rows with ``H[k, k] == 0`` (dead inputs) get ``H[k, k] = 1`` and weight 0;
+optionally order rows by decreasing ``diag H`` (``act_order``); take the upper Cholesky
+factor U of ``H^-1``; process rows in blocks of ``block_size`` (128), updating the rest of
+the block eagerly and the rows after it lazily with one matrix product per block.
+
+Quantization grid: that of :mod:`passes.rtn` (scales/zeros per group of ``group_size`` rows
+of K, per output channel), so the result packs into the same QLinear format:
+
+1. without act-order, each group's scale/zero is fitted (with :func:`passes.rtn.quantize_rtn`,
+   optionally with its clip search) to the group's *error-updated* rows when GPTQ reaches
+   the group's first row; blocks are a multiple of the group size so a group never
+   straddles two blocks;
+2. with act-order, groups are *static*: fitted to the original W before any update, then
+   each row uses the parameters of the group it belongs to in the original order, so the
+   packed layout (groups of consecutive K) stays valid.
+
+:class:`GPTQQuantizer` plugs into :class:`passes.quantize_weights.QuantizeWeightsPass`
+(:class:`GPTQPass`), which writes QLinear nodes with ``method="gptq"`` in the QuantSpec and
+recipe. Linears without calibration statistics fall back to RTN.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import scipy.linalg
+
+from qcompile.errors import InputError
+from qcompile.quant import pack_codes
+
+from .calibrate import Stats
+from .quant_config import WeightQuantConfig
+from .quantize_weights import QuantizeWeightsPass
+from .rtn import PackedWeight, quantize_rtn
+
+__all__ = ["gptq_quantize", "GPTQQuantizer", "GPTQPass", "hessian_error"]
+
+logger = logging.getLogger(__name__)
+
+BLOCK_SIZE = 128
+PERCDAMP = 0.01
+
+
+def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int, group_size: int, symmetric: bool,
+                  clip_search: bool = False, *, act_order: bool = False, percdamp: float = PERCDAMP,
+                  block_size: int = BLOCK_SIZE, name: str = "weight") -> PackedWeight:
+    """GPTQ of W[K, N] given H[K, K]; returns the packed weight in the QLinear layout."""
+    w = np.asarray(w, dtype=np.float32)
+    k, n = w.shape if w.ndim == 2 else (0, 0)
+    if w.ndim != 2 or np.shape(hessian) != (k, k):
+        raise InputError(f"layer '{name}': Hessian {np.shape(hessian)} does not match weight {list(np.shape(w))}")
+    gs = group_size or k
+    quantize_rtn(w, bits, group_size, symmetric, False, name=name, ratios=(1.0,))  # validates w, bits, groups
+    h = np.array(hessian, dtype=np.float64)
+    wt = w.T.astype(np.float64)  # [N, K]: rows are output channels, columns the K inputs
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    wt[:, dead] = 0.0
+    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
+    static = act_order or gs >= k
+    scales, zeros = _static_params(wt.T, bits, group_size, symmetric, clip_search, name) if static else (None, None)
+    u = _inverse_cholesky(h[np.ix_(perm, perm)], percdamp, name)
+    wt = np.ascontiguousarray(wt[:, perm], dtype=np.float32)
+    block = gs * max(1, round(block_size / gs)) if gs < k else block_size
+    codes = np.zeros((n, k), dtype=np.uint8)
+    group_params = _Groups(scales, zeros, n, k // gs, symmetric, bits)
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1, hinv1 = wt[:, i1:i2].copy(), u[i1:i2, i1:i2]
+        err1 = np.zeros_like(w1)
+        for i in range(i2 - i1):
+            col = perm[i1 + i]
+            if not static and col % gs == 0:
+                group_params.fit(col // gs, w1[:, i:i + gs].T, group_size, clip_search, name)
+            s, z = group_params.at(col // gs)
+            q = np.clip(np.rint(w1[:, i] / s) + z, 0, (1 << bits) - 1)
+            codes[:, col] = q.astype(np.uint8)
+            err = (w1[:, i] - (q - z) * s) / hinv1[i, i]
+            w1[:, i:] -= np.outer(err, hinv1[i, i:])
+            err1[:, i] = err
+        wt[:, i2:] -= err1 @ u[i1:i2, i2:]
+    sc, zr = group_params.arrays()
+    return PackedWeight(pack_codes(codes, bits), sc, zr, bits, group_size, (k, n))
+
+
+def hessian_error(w: np.ndarray, wq: np.ndarray, hessian: np.ndarray) -> float:
+    """``tr((W - Wq)^T H (W - Wq))``: the layer's summed squared output error on calibration data."""
+    d = np.asarray(w, np.float64) - np.asarray(wq, np.float64)
+    return float(np.einsum("kn,kn->", d, np.asarray(hessian, np.float64) @ d))
+
+
+class GPTQQuantizer:
+    """:class:`passes.quantize_weights.LinearQuantizer` backed by calibration :class:`Stats`."""
+
+    method = "gptq"
+
+    def __init__(self, stats: Stats, *, act_order: bool = False, percdamp: float = PERCDAMP,
+                 block_size: int = BLOCK_SIZE):
+        self.stats = stats
+        self.act_order = act_order
+        self.percdamp = percdamp
+        self.block_size = block_size
+
+    def quantize(self, node, w, bits, group_size, symmetric, clip_search):
+        record = self.stats.for_linear(node)
+        if record is None or record.rows == 0 or record.hessian.shape[0] != np.shape(w)[0]:
+            logger.warning("GPTQ: no calibration statistics for '%s'; using RTN", node)
+            return None
+        return gptq_quantize(w, record.mean_hessian(), bits, group_size, symmetric, clip_search,
+                             act_order=self.act_order, percdamp=self.percdamp, block_size=self.block_size,
+                             name=node)
+
+
+class GPTQPass(QuantizeWeightsPass):
+    """QuantizeWeightsPass with GPTQ for Linears (embeddings stay RTN); recipe method "gptq"."""
+
+    name = "GPTQPass"
+
+    def __init__(self, config: WeightQuantConfig | None, stats: Stats, *, act_order: bool = False,
+                 layer_bits=None, percdamp: float = PERCDAMP):
+        super().__init__(config, layer_bits=layer_bits,
+                         quantizer=GPTQQuantizer(stats, act_order=act_order, percdamp=percdamp))
+
+
+# ---------------------------------------------------------------------------- helpers
+def _inverse_cholesky(h: np.ndarray, percdamp: float, name: str) -> np.ndarray:
+    """Upper Cholesky factor of (H + damp*I)^-1, float32."""
+    h = h + np.eye(len(h)) * (percdamp * float(np.mean(np.diag(h))))
+    for attempt in range(4):
+        try:
+            lower = scipy.linalg.cholesky(h, lower=True)
+            hinv = scipy.linalg.cho_solve((lower, True), np.eye(len(h)))
+            return scipy.linalg.cholesky(hinv, lower=False).astype(np.float32)
+        except np.linalg.LinAlgError:
+            h = h + np.eye(len(h)) * (10.0 ** attempt * percdamp * float(np.mean(np.diag(h))))
+    raise InputError(f"layer '{name}': calibration Hessian is not positive definite even after dampening")
+
+
+def _static_params(w: np.ndarray, bits, group_size, symmetric, clip_search, name):
+    _, scales, zeros = quantize_rtn(w, bits, group_size, symmetric, clip_search, name=name)
+    return scales, zeros
+
+
+class _Groups:
+    """Per-group scale/zero columns [N] for symmetric or asymmetric grids."""
+
+    def __init__(self, scales, zeros, n: int, groups: int, symmetric: bool, bits: int):
+        self.scales = np.ones((n, groups), np.float32) if scales is None else scales
+        self.zeros = zeros if zeros is not None or symmetric else np.zeros((n, groups), np.float32)
+        self.symmetric = symmetric
+        self.mid = np.float32(1 << (bits - 1))
+        self.bits = bits
+
+    def fit(self, g: int, rows: np.ndarray, group_size: int, clip_search: bool, name: str) -> None:
+        _, s, z = quantize_rtn(rows, self.bits, 0, self.symmetric, clip_search, name=name)
+        self.scales[:, g] = s[:, 0]
+        if not self.symmetric:
+            self.zeros[:, g] = z[:, 0]
+
+    def at(self, g: int):
+        return self.scales[:, g], (self.mid if self.symmetric else self.zeros[:, g])
+
+    def arrays(self):
+        return self.scales, (None if self.symmetric else self.zeros)
