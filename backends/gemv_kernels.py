@@ -160,10 +160,6 @@ def _build(body) -> tirx.PrimFunc:
     return func.with_attr("tirx.is_scheduled", True).with_attr("tirx.noalias", True)
 
 
-def _f32(v):
-    return tirx.Cast("float32", v) if v.dtype != "float32" else v
-
-
 def _vec(dtype: str, lanes: int) -> str:
     return dtype if lanes == 1 else f"{dtype}x{lanes}"
 
@@ -197,20 +193,31 @@ class _QArgs:
         self.b = T.arg("bias", T.buffer((n,), "float32")) if self.has_bias else None
         self.y = T.arg("y", T.buffer((m, n), "float32"))
 
-    def zero(self, j, g):
-        if self.z is None:
-            return tirx.const(float(1 << (self.bits - 1)), "float32")
-        return self.z[j, g]
+    def zero_lanes(self) -> int:
+        return next(l for l in (16, 8, 4, 2, 1) if self.groups % l == 0)
 
-    def finish_row(self, j, i, acc, lanes, zt, count, zero_term):
-        """y[i, j] = sum of the lanes of acc row i - sum_t zero_term(t) (+ bias[j])."""
+    def finish_row(self, j, i, acc, lanes, zt, aw):
+        """y[i, j] = sum(acc row i) - sum_g s[j, g] * z[j, g] * aw[i, g] (+ bias[j]).
+
+        ``aw[i * G + g]``: the activation weight of group g (sum of x over the group, or of
+        the dequantized int8 activations); ``zt`` is a local of :meth:`zero_lanes` floats.
+        """
         total = acc[i * lanes]
         for lane in range(1, lanes):
             total = total + acc[i * lanes + lane]
-        T.buffer_store(zt, tirx.const(0.0, "float32"), [0])
-        with T.serial(0, count) as t:
-            T.buffer_store(zt, zt[0] + zero_term(t), [0])
-        self.finish(j, i, total - zt[0])
+        zl, groups = self.zero_lanes(), self.groups
+        _store(zt, _bcast(tirx.const(0.0, "float32"), zl), 0, zl)
+        with T.serial(0, groups // zl) as t:
+            g0 = t * zl
+            if self.z is None:
+                zero = _bcast(tirx.const(float(1 << (self.bits - 1)), "float32"), zl)
+            else:
+                zero = _load_row(self.z, j, g0, zl, 1)
+            term = _load_row(self.s, j, g0, zl, 1) * zero * _load(aw, i * groups + g0, zl)
+            _store(zt, _load(zt, 0, zl) + term, 0, zl)
+        for lane in range(zl):
+            total = total - zt[lane]
+        self.finish(j, i, total)
 
     def finish(self, j, i, value):
         """y[i, j] = value (+ bias[j])."""
@@ -240,7 +247,7 @@ class _FloatGemv(_QArgs):
         def alloc():
             return (T.decl_buffer((m * L,), "float32", scope="local"),
                     T.decl_buffer((m * chains * L,), "float32", scope="local"),
-                    T.decl_buffer((1,), "float32", scope="local"))
+                    T.decl_buffer((self.zero_lanes(),), "float32", scope="local"))
 
         def body(j, bufs):
             acc, part, zt = bufs
@@ -265,8 +272,7 @@ class _FloatGemv(_QArgs):
                         total = total + _load(part, (i * chains + c) * L, L)
                     _store(acc, _load(acc, i * L, L) + total * scale, i * L, L)
             for i in range(m):
-                self.finish_row(j, i, acc, L, zt, self.groups,
-                                lambda g, i=i: self.s[j, g] * self.zero(j, g) * xsum[i * self.groups + g])
+                self.finish_row(j, i, acc, L, zt, xsum)
 
         _parallel_rows(self.n, alloc, body)
 
@@ -342,12 +348,13 @@ class _Int8Gemv(_QArgs):
         xq = T.decl_buffer((m * self.k,), "int8")
         xs = T.decl_buffer((m * nb,), "float32")
         xqs = T.decl_buffer((m * nb,), "float32")
-        self._prologue(xq, xs, xqs)
+        aw = T.decl_buffer((m * self.groups,), "float32")
+        self._prologue(xq, xs, xqs, aw)
         L, vb, bits = self.lanes, self.vb, self.bits
         def alloc():
             return (T.decl_buffer((m * L,), "float32", scope="local"),
                     T.decl_buffer((m * L,), "int32", scope="local"),
-                    T.decl_buffer((1,), "float32", scope="local"))
+                    T.decl_buffer((self.zero_lanes(),), "float32", scope="local"))
 
         def body(j, bufs):
             facc, iacc, zt = bufs
@@ -377,20 +384,17 @@ class _Int8Gemv(_QArgs):
                     conv = tirx.Cast(f"float32x{L}", _load(iacc, i * L, L))
                     _store(facc, _load(facc, i * L, L) + conv * scale, i * L, L)
 
-            def zero_term(i):
-                def term(b):
-                    g = b * self.block // self.group
-                    return self.s[j, g] * self.zero(j, g) * xs[i * nb + b] * xqs[i * nb + b]
-                return term
-
             for i in range(m):
-                self.finish_row(j, i, facc, L, zt, nb, zero_term(i))
+                self.finish_row(j, i, facc, L, zt, aw)
 
         _parallel_rows(self.n, alloc, body)
 
-    def _prologue(self, xq, xs, xqs):
-        """Per row and block: scale = absmax / 127, codes round(x / scale), their sum."""
-        m, nb, blk, k = self.m, self.nblocks, self.block, self.k
+    def _prologue(self, xq, xs, xqs, aw):
+        """Per row and block: scale = absmax / 127, codes round(x / scale), their sum; per
+        group: aw = sum over its blocks of scale * sum of codes (the zero-point weight)."""
+        m, nb, blk = self.m, self.nblocks, self.block
+        with T.serial(0, m * self.groups) as t:
+            T.buffer_store(aw, tirx.const(0.0, "float32"), [t])
         with T.serial(0, m) as i:
             with T.serial(0, nb) as b:
                 amax = T.decl_buffer((1,), "float32", scope="local")
@@ -410,15 +414,19 @@ class _Int8Gemv(_QArgs):
                     T.buffer_store(xq, tirx.Cast("int8", qv),
                                    [((i * self.nchunks + c) * self.cpb + e) * self.vb + p])
                     T.buffer_store(xqs, xqs[i * nb + b] + qv, [i * nb + b])
-        del k
+                g = i * self.groups + b * blk // self.group
+                T.buffer_store(aw, aw[g] + xs[i * nb + b] * xqs[i * nb + b], [g])
 
 
 class _FloatLinearGemv:
+    """Column blocks of ``strip`` floats in parallel; each walks the k rows of its block
+    (contiguous segments of w), accumulating m x strip partial sums in an L1-resident buffer."""
+
     def __init__(self, m, k, n, has_bias, lanes):
         self.m, self.k, self.n, self.has_bias = m, k, n, has_bias
         self.lanes = lanes if n % lanes == 0 else 1
-        vecs = next(v for v in (4, 2, 1) if n % (v * self.lanes) == 0)
-        self.strip = vecs * self.lanes
+        self.strip = next(w for w in (1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1)
+                          if w % self.lanes == 0 and n % w == 0)
 
     def emit(self):
         m, k, n, L, W = self.m, self.k, self.n, self.lanes, self.strip
@@ -426,20 +434,27 @@ class _FloatLinearGemv:
         w = T.arg("w", T.buffer((k, n), "float32"))
         bias = T.arg("bias", T.buffer((n,), "float32")) if self.has_bias else None
         y = T.arg("y", T.buffer((m, n), "float32"))
+        zero = _bcast(tirx.const(0.0, "float32"), L)
         with T.parallel(0, n // W) as jo:
-            acc = T.decl_buffer((m * W,), "float32", scope="local")
-            for i in range(m):
-                for v in range(W // L):
-                    _store(acc, _bcast(tirx.const(0.0, "float32"), L), i * W + v * L, L)
+            acc = T.decl_buffer((m * W,), "float32")
+            with T.serial(0, W // L) as v:
+                for i in range(m):
+                    _store(acc, zero, i * W + v * L, L)
             with T.serial(0, k) as r:
-                for v in range(W // L):
+                xs = [_bcast(x[i, r], L) for i in range(m)]
+                with T.serial(0, W // L) as v:
                     wv = _load_row(w, r, jo * W + v * L, L, 1)
                     for i in range(m):
                         idx = i * W + v * L
-                        _store(acc, _load(acc, idx, L) + _bcast(x[i, r], L) * wv, idx, L)
-            for i in range(m):
-                for v in range(W // L):
+                        _store(acc, _load(acc, idx, L) + xs[i] * wv, idx, L)
+            with T.serial(0, W // L) as v:
+                col = jo * W + v * L
+                for i in range(m):
                     val = _load(acc, i * W + v * L, L)
                     if bias is not None:
-                        val = val + bias.vload([jo * W + v * L], _vec("float32", L)) if L > 1 else val + bias[jo * W + v]
-                    T.buffer_store(y, val, [i, tirx.Ramp(jo * W + v * L, 1, L)] if L > 1 else [i, jo * W + v])
+                        val = val + _load_row_1d(bias, col, L)
+                    T.buffer_store(y, val, [i, tirx.Ramp(col, 1, L) if L > 1 else col])
+
+
+def _load_row_1d(buf, start, lanes: int):
+    return buf.vload([start], _vec(buf.dtype, lanes)) if lanes > 1 else buf[start]

@@ -24,6 +24,7 @@ def _f32(ctx, x):
 def _quantize(ctx, x, scale, zp, qmin, qmax, dtype):
     q = ctx.emit(R.round(ctx.emit(R.divide(x, scale))))
     q = ctx.emit(R.add(q, _f32(ctx, zp)))
+    q = ctx.emit(R.where(ctx.emit(R.isnan(q)), relax.const(float(qmin), "float32"), q))  # NaN -> qmin, as ORT
     return ctx.emit(R.astype(_clamp(ctx, q, qmin, qmax), dtype))
 
 

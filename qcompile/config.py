@@ -36,7 +36,7 @@ class CompileConfig:
     ``method``: "rtn" or "gptq" (passes.gptq, calibrated). ``act_order``: GPTQ in order of
     decreasing Hessian diagonal (static groups). ``calib``: npz of calibration inputs (default:
     the compile's eval inputs, else synthesized). Mixed precision (passes.mixed_precision)
-    runs when ``bits`` is fractional (an average of code bits in (2, 8), e.g. 2.5) or
+    runs when ``bits`` is fractional (a non-integer average of code bits in (2, 8), e.g. 2.5) or
     ``size_budget_mb`` is set (total weight MB of the compiled graph; ``bits`` is then ignored
     unless it is 16); widths per Linear come from {2, 3, 4, 8}.
     ``fallback``: "auto" keeps a quantized Linear float when its kernel is estimated slower
@@ -82,8 +82,9 @@ class CompileConfig:
         if self.target == "arm64" and self.cpu not in (None, *ARM64_CPUS):
             raise InputError(f"--cpu must be one of {', '.join(ARM64_CPUS)} (got '{self.cpu}')")
         if isinstance(self.bits, bool) or not isinstance(self.bits, (int, float)) or not (
-                self.bits in WEIGHT_BITS or 2 < self.bits < 8):
-            raise InputError(f"--bits must be one of 2, 3, 4, 8, 16 or an average in (2, 8) (got {self.bits})")
+                self.bits in WEIGHT_BITS or (2 < self.bits < 8 and not float(self.bits).is_integer())):
+            raise InputError(f"--bits must be one of 2, 3, 4, 8, 16, or a fractional average in (2, 8) "
+                             f"such as 2.5 for mixed precision (got {self.bits})")
         if self.method not in METHODS:
             raise InputError(f"--method must be one of {', '.join(METHODS)} (got '{self.method}')")
         if self.size_budget_mb is not None and not (self.size_budget_mb > 0 and self.bits != 16):

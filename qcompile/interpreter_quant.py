@@ -5,7 +5,8 @@ Numerics are the ONNX specification's, bit for bit:
 * QuantizeLinear: ``y = saturate(round_half_even(x / scale) + zero_point)`` computed in float32
   (division, not multiplication by a reciprocal), clamped to [qmin, qmax], stored as ``dtype``.
   ``scale`` and ``zero_point`` already broadcast against ``x`` (the frontend expands per-axis
-  and blocked parameters).
+  and blocked parameters). NaN (e.g. -inf / inf when a calibrated range was infinite, as in
+  attention masks) quantizes to qmin, as onnxruntime does on x86; the spec leaves it open.
 * DequantizeLinear: ``y = (float32(x) - float32(zero_point)) * scale``.
 * DynamicQuantizeLinear: uint8; ``scale = (max(0, max x) - min(0, min x)) / 255``, replaced by 1
   when it is 0 (an all-zero input: ONNX leaves 0/0 open, onnxruntime uses 1, so do we);
@@ -21,7 +22,9 @@ __all__ = ["QUANT_KERNELS", "quantize_linear", "dequantize_linear", "dynamic_qua
 
 
 def quantize_linear(x, scale, zero_point, qmin: int, qmax: int, dtype: str) -> np.ndarray:
-    q = np.rint(x.astype(np.float32) / scale.astype(np.float32)) + zero_point.astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.rint(x.astype(np.float32) / scale.astype(np.float32)) + zero_point.astype(np.float32)
+    q = np.where(np.isnan(q), np.float32(qmin), q)
     return np.clip(q, qmin, qmax).astype(dtype)
 
 

@@ -93,7 +93,7 @@ def device_runtime(cache_dir: Path | None = None) -> DeviceRuntime:
     tvm_v, ffi_v = importlib.metadata.version("apache-tvm"), importlib.metadata.version("apache-tvm-ffi")
     root = Path(cache_dir or _cache_root()) / f"tvm-{tvm_v}_ffi-{ffi_v}"
     runtime = DeviceRuntime(root, tvm_v, ffi_v)
-    if all(p.is_file() for p in runtime.libraries()) and (runtime.include_dir / "tvm" / "ffi").is_dir():
+    if _complete(runtime):
         return runtime
     root.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".download-", dir=root.parent) as tmp:
@@ -103,10 +103,15 @@ def device_runtime(cache_dir: Path | None = None) -> DeviceRuntime:
         _extract(wheels["apache_tvm-"], {"tvm/lib/libtvm_runtime.so": "lib/libtvm_runtime.so"}, stage)
         _extract(wheels["apache_tvm_ffi-"], {"tvm_ffi/lib/libtvm_ffi.so": "lib/libtvm_ffi.so",
                                             "tvm_ffi/include/": "include/"}, stage)
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(stage, root)
+        if not _complete(runtime):  # else another process finished first: keep its copy
+            if root.exists():
+                shutil.rmtree(root)
+            os.replace(stage, root)
     return runtime
+
+
+def _complete(runtime: DeviceRuntime) -> bool:
+    return all(p.is_file() for p in runtime.libraries()) and (runtime.include_dir / "tvm" / "ffi").is_dir()
 
 
 def _download_wheels(packages: list[str], dest: Path) -> dict[str, Path]:

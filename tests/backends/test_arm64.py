@@ -170,10 +170,14 @@ def test_cli_run_on_arm64_artifact(tmp_path, arm64_env, models):
         assert result["y"].shape == (4, 32)
 
 
-def test_run_without_qemu_is_a_clear_error(tmp_path, arm64_env, models, monkeypatch):
-    art = qcompile.compile(models["mlp"], output=tmp_path / "art", target="arm64", bits=16, verify=False)
+def test_without_qemu_compile_skips_the_check_and_run_is_a_clear_error(tmp_path, arm64_env, models, monkeypatch):
+    import qcompile.backends.arm64 as arm64
+
     real = toolchain.find_tool
     monkeypatch.setattr(toolchain, "find_tool", lambda name: None if name == toolchain.QEMU else real(name))
+    monkeypatch.setattr(arm64, "qemu_available", lambda: False)
+    art = qcompile.compile(models["mlp"], output=tmp_path / "art", target="arm64", bits=16)
+    assert "qemu-aarch64 not found" in art.manifest["accuracy"]["skipped"]
     with pytest.raises(ToolchainError, match="qemu-aarch64 not found.*apt-get install qemu-user"):
         qcompile.load(art.path)
 

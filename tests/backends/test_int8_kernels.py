@@ -40,7 +40,6 @@ def test_quantize_rows_matches_reference(target, m, k):
     ru, rs = quantize_rows(x)
     np.testing.assert_array_equal(u, ru)
     np.testing.assert_array_equal(s, rs)
-    assert u[2, 1] == 0 + 128 - 127 + 1 or True  # ties are covered by row 2
 
 
 def test_round_half_even_in_codes(target):
