@@ -119,7 +119,9 @@ class Graph:
         return name
 
     def add_constant(self, name: str, array: np.ndarray, quant: QuantSpec | None = None) -> str:
-        array = np.ascontiguousarray(array)
+        array = np.asarray(array)
+        if not array.flags.c_contiguous:  # (np.ascontiguousarray would turn a 0-d array into 1-d)
+            array = array.copy(order="C")
         self.add_value(name, TensorType(tuple(int(d) for d in array.shape), str(array.dtype)), quant)
         self.constants[name] = array
         return name

@@ -251,3 +251,19 @@ def test_minilm_import_matches_onnxruntime(minilm_onnx):
     ref = ort.InferenceSession(str(minilm_onnx), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     got = run(graph, feeds)["embedding"]
     assert np.max(np.abs(got - ref)) <= 1e-5
+
+
+def test_gather_with_scalar_constant_index_drops_the_axis():
+    """x[0] exports as Gather(axis 0, 0-d index): the output loses that axis."""
+    nodes = [helper.make_node("Gather", ["x", "i"], ["y"], axis=0, name="pick"),
+             helper.make_node("MatMul", ["y", "w"], ["z"], name="mm")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 2, 4])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.array(0, dtype=np.int64), "i"),
+         numpy_helper.from_array(np.ones((4, 2), np.float32), "w")],
+    )
+    ir = load_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert ir.type_of("z").shape == (2, 2)
+    x = np.random.default_rng(0).standard_normal((3, 2, 4)).astype(np.float32)
+    np.testing.assert_allclose(run(ir, {"x": x})["z"], x[0] @ np.ones((4, 2), np.float32), rtol=1e-6)
