@@ -17,7 +17,6 @@ the host share one calling convention.
 
 from __future__ import annotations
 
-import os
 from types import MappingProxyType
 
 import tvm
@@ -26,6 +25,7 @@ from qcompile.config import ARM64_CPUS, ARM64_DEFAULT_CPU
 from qcompile.errors import InputError
 
 from ..llvm import build as _llvm_build
+from ..llvm.target import export_library as llvm_export_library
 from . import toolchain
 
 __all__ = ["CPU_FEATURES", "MTRIPLE", "arm64_target", "build", "export_library"]
@@ -67,6 +67,4 @@ def build(graph, target: tvm.target.Target | None = None):
 
 def export_library(executable, path) -> str:
     """Link the executable into an aarch64 shared library at ``path`` (needs the cross g++)."""
-    path = os.fspath(path)
-    executable.export_library(path, cc=toolchain.require_tool(toolchain.CXX))
-    return path
+    return llvm_export_library(executable, path, cc=toolchain.require_tool(toolchain.CXX))

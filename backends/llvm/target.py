@@ -283,8 +283,9 @@ def build(graph, target: tvm.target.Target | None = None):
     return tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target))
 
 
-def export_library(executable, path) -> str:
-    """Write the executable as a shared library (``model.so``) at ``path``."""
+def export_library(executable, path, cc: str | None = None) -> str:
+    """Write the executable as a shared library (``model.so``) at ``path``, linked by ``cc``
+    (default: the host compiler; cross targets pass their own)."""
     path = os.fspath(path)
-    executable.export_library(path)
+    executable.export_library(path, **({"cc": cc} if cc else {}))
     return path
