@@ -27,7 +27,7 @@ Parts:
 Writes tools/results/bench.json and tools/results/bench.png (matplotlib, the "bench" extra).
 
     python tools/bench.py [--threads 2] [--repeats 30] [--rounds 2] [--skip-minilm]
-                          [--skip-gemv] [--skip-plain-tvm] [--batches 1,8]
+                          [--skip-gemv] [--skip-plain-tvm] [--batches 1,8] [--update]
 """
 
 from __future__ import annotations
@@ -252,8 +252,10 @@ def minilm_contenders(batch, args, work: Path) -> dict:
     calls["torch eager fp32"] = torch_call
     if not args.skip_plain_tvm:
         start = time.perf_counter()
-        calls["plain TVM fp32 (default)"] = _plain_tvm(onnx_path, shapes, feeds)
-        compile_s["plain TVM fp32 (default)"] = time.perf_counter() - start
+        plain = _try(lambda: _plain_tvm(onnx_path, shapes, feeds))
+        if plain is not None:
+            calls["plain TVM fp32 (default)"] = plain
+            compile_s["plain TVM fp32 (default)"] = time.perf_counter() - start
     del np
     return calls, compile_s
 
@@ -269,12 +271,13 @@ def _try(fn):
 def _plain_tvm(onnx_path, shapes, feeds):
     import tvm
     from tvm import relax
+    from tvm.relax.frontend import onnx as relax_onnx
 
     from qcompile.frontends.onnx_frontend import load_onnx
     from qcompile.onnx_export import to_onnx
 
     proto = to_onnx(load_onnx(onnx_path, shapes=shapes))
-    mod = relax.frontend.onnx.from_onnx(proto, keep_params_in_input=False)
+    mod = relax_onnx.from_onnx(proto, keep_params_in_input=False)
     ex = tvm.compile(mod, target=tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()}))
     vm = relax.VirtualMachine(ex, tvm.cpu())
     inputs = [tvm.runtime.tensor(feeds[n]) for n in ("input_ids", "attention_mask", "token_type_ids")]
@@ -289,6 +292,7 @@ def bench_minilm(args) -> list[dict]:
             slow = {"plain TVM fp32 (default)"}
             best = time_contenders({k: v for k, v in calls.items() if k not in slow}, args.repeats, args.rounds)
             best.update(time_contenders({k: v for k, v in calls.items() if k in slow}, 3, 1))
+            del calls
             base = best["onnxruntime fp32"]
             int8 = best.get("onnxruntime int8 dynamic")
             print(f"\nall-MiniLM-L6-v2 batch {batch} seq 128, {args.threads} threads")
@@ -344,6 +348,8 @@ def main() -> int:
     p.add_argument("--skip-plain-tvm", action="store_true")
     p.add_argument("--json", default="tools/results/bench.json")
     p.add_argument("--png", default="tools/results/bench.png")
+    p.add_argument("--update", action="store_true",
+                   help="keep the parts of an existing --json that this run skips (then re-plot)")
     args = p.parse_args()
     args.batches = [int(b) for b in args.batches.split(",") if b]
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
@@ -356,8 +362,10 @@ def main() -> int:
     set_num_threads(args.threads)
     target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
                                 "num-cores": args.threads})
-    result = {"threads": args.threads, "repeats": args.repeats, "rounds": args.rounds,
-              "load_average_start": os.getloadavg()}
+    out = Path(args.json)
+    result = json.loads(out.read_text()) if args.update and out.exists() else {}
+    result.update({"threads": args.threads, "repeats": args.repeats, "rounds": args.rounds,
+                   "load_average_start": os.getloadavg()})
     result["bandwidth"] = measure_bandwidth(args.threads)
     bw = result["bandwidth"]
     print(f"read bandwidth (numpy sum, 1 GiB): {bw['gbs_1_thread']:.1f} GB/s 1 thread, "
@@ -367,7 +375,6 @@ def main() -> int:
     if not args.skip_minilm:
         result["minilm"] = bench_minilm(args)
     result["load_average_end"] = os.getloadavg()
-    out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, Path(args.png))

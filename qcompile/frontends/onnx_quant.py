@@ -14,6 +14,8 @@ Rewrites (each refuses with :class:`UnsupportedOpError` outside the stated case)
    absent ones mean ``2**(bits-1)`` (symmetric). A partial last block (K % block_size != 0)
    cannot be a QLinear group: the exactly dequantized float weight becomes a ``Linear``
    (recipe entry says so). A ``g_idx`` other than ``k // block_size`` is refused.
+   ``accuracy_level`` is recorded, not emulated: qcompile computes in float32 (ORT's level
+   0/1 numerics); ORT's level 4 quantizes A to int8 and differs from both.
 2. ``DequantizeLinear`` with all-constant inputs is evaluated at import time (exact).
    When its result then feeds ``MatMul`` as the 2-D right operand and the quantization is
    per tensor, per output column (axis 1) or blocked along K (axis 0), the MatMul becomes a
@@ -228,6 +230,7 @@ def _matmul_nbits(ctx, node, attrs):
     bias = inp(ctx, node, 5) if len(node.input) > 5 else ""
     entry = {"op": "QLinear", "shape": [k, n], "bits": bits, "group_size": block, "symmetric": zeros is None,
              "source": "com.microsoft.MatMulNBits", "zero_points": "absent" if zeros is None else "present",
+             "accuracy_level": int(attrs.get("accuracy_level", 0)),
              "weight_bytes_fp32": 4 * k * n, "weight_bytes_packed": int(b.nbytes + scales.nbytes + (0 if zeros is None else zeros.nbytes))}
     if k % block == 0:
         _emit_qlinear(ctx, node.output[0], a, codes, scales, zeros, bias or None, bits, block)
