@@ -6,7 +6,8 @@ export TVM_NUM_THREADS ?= 2
 
 .PHONY: install demo test test-fast bench
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml tools/install_system_deps.sh
+	bash tools/install_system_deps.sh
 	$(PYTHON) -m pip install --quiet -e ".[models,test]"
 	mkdir -p .cache && touch $(STAMP)
 
