@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["model_dir", "load_torch_model", "export_onnx", "tokenize", "SENTENCES", "INPUT_NAMES"]
+__all__ = ["model_dir", "load_torch_model", "export_onnx", "tokenize", "SENTENCES", "CALIB_SENTENCES", "INPUT_NAMES"]
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 SEQ_LEN = 128
@@ -51,6 +51,28 @@ SENTENCES = [
     "The software update fixed several security vulnerabilities.",
     "A little girl is drawing a picture of her family with crayons.",
     "Global temperatures have risen by about one degree since pre-industrial times.",
+]
+
+
+# Calibration sentences: disjoint from SENTENCES, so accuracy is never measured on the data
+# that chose the quantization parameters.
+CALIB_SENTENCES = [
+    "The weather forecast predicts sunshine for the whole weekend.",
+    "My grandmother taught me how to knit when I was seven.",
+    "The bus was full, so we decided to walk to the concert.",
+    "Scientists measured the speed of the glacier using satellite images.",
+    "Can you recommend a good book about the history of mathematics?",
+    "The team celebrated their victory with a dinner at the harbour.",
+    "A cyclist rides along a narrow path beside the river.",
+    "The printer ran out of ink in the middle of the report.",
+    "Volcanic ash closed the airport for three days.",
+    "He practised the piano every evening before going to bed.",
+    "The new law requires all restaurants to display calorie counts.",
+    "Bees communicate the location of flowers by dancing.",
+    "The startup raised ten million dollars from investors.",
+    "Snow covered the village and the roads were impassable.",
+    "She translated the letter from Portuguese into English.",
+    "The server crashed because the disk was full.",
 ]
 
 
