@@ -143,7 +143,9 @@ def gemv_kernel(m: int, k: int, n: int, has_bias: bool, target) -> tirx.PrimFunc
     Parallel over blocks of columns; each thread walks k and accumulates a register strip
     of ``lanes * 4`` columns (w rows are contiguous, so every byte of w is read once).
     """
-    return _build(_FloatLinearGemv(m, k, n, has_bias, _lanes(target)))
+    target = _target(target)
+    cores = int(target.attrs.get("num-cores", 0) or 0) if target.kind.name == "llvm" else 0
+    return _build(_FloatLinearGemv(m, k, n, has_bias, _lanes(target), max(cores, 2)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -419,41 +421,47 @@ class _Int8Gemv(_QArgs):
 
 
 class _FloatLinearGemv:
-    """Column blocks of ``strip`` floats in parallel; each walks the k rows of its block
-    (contiguous segments of w), accumulating m x strip partial sums in an L1-resident buffer."""
+    """Split k into ``parts`` contiguous row ranges of w (one long sequential stream each, in
+    parallel), each accumulating a partial y[m, n] (L1/L2 resident); then sum the partials
+    (+ bias) in parallel over columns."""
 
-    def __init__(self, m, k, n, has_bias, lanes):
+    def __init__(self, m, k, n, has_bias, lanes, parts):
         self.m, self.k, self.n, self.has_bias = m, k, n, has_bias
         self.lanes = lanes if n % lanes == 0 else 1
-        self.strip = next(w for w in (1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1)
-                          if w % self.lanes == 0 and n % w == 0)
+        self.parts = max(1, min(parts, k))
 
     def emit(self):
-        m, k, n, L, W = self.m, self.k, self.n, self.lanes, self.strip
+        m, k, n, L, P = self.m, self.k, self.n, self.lanes, self.parts
         x = T.arg("x", T.buffer((m, k), "float32"))
         w = T.arg("w", T.buffer((k, n), "float32"))
         bias = T.arg("bias", T.buffer((n,), "float32")) if self.has_bias else None
         y = T.arg("y", T.buffer((m, n), "float32"))
         zero = _bcast(tirx.const(0.0, "float32"), L)
-        with T.parallel(0, n // W) as jo:
-            acc = T.decl_buffer((m * W,), "float32")
-            with T.serial(0, W // L) as v:
+        rows = -(-k // P)
+        part = T.decl_buffer((P * m * n,), "float32")
+        with T.parallel(0, P) as p:
+            with T.serial(0, n // L) as v:
                 for i in range(m):
-                    _store(acc, zero, i * W + v * L, L)
-            with T.serial(0, k) as r:
-                xs = [_bcast(x[i, r], L) for i in range(m)]
-                with T.serial(0, W // L) as v:
-                    wv = _load_row(w, r, jo * W + v * L, L, 1)
-                    for i in range(m):
-                        idx = i * W + v * L
-                        _store(acc, _load(acc, idx, L) + xs[i] * wv, idx, L)
-            with T.serial(0, W // L) as v:
-                col = jo * W + v * L
-                for i in range(m):
-                    val = _load(acc, i * W + v * L, L)
-                    if bias is not None:
-                        val = val + _load_row_1d(bias, col, L)
-                    T.buffer_store(y, val, [i, tirx.Ramp(col, 1, L) if L > 1 else col])
+                    _store(part, zero, (p * m + i) * n + v * L, L)
+            with T.serial(0, rows) as rr:
+                r = p * rows + rr
+                with T.If(r < k):
+                    with T.Then():
+                        xs = [_bcast(x[i, r], L) for i in range(m)]
+                        with T.serial(0, n // L) as v:
+                            wv = _load_row(w, r, v * L, L, 1)
+                            for i in range(m):
+                                idx = (p * m + i) * n + v * L
+                                _store(part, _load(part, idx, L) + xs[i] * wv, idx, L)
+        with T.parallel(0, n // L) as v:
+            col = v * L
+            for i in range(m):
+                val = _load(part, i * n + col, L)
+                for q in range(1, P):
+                    val = val + _load(part, (q * m + i) * n + col, L)
+                if bias is not None:
+                    val = val + _load_row_1d(bias, col, L)
+                T.buffer_store(y, val, [i, tirx.Ramp(col, 1, L) if L > 1 else col])
 
 
 def _load_row_1d(buf, start, lanes: int):

@@ -37,6 +37,7 @@ from . import kernels
 from .hadamard_lowering import lower_hadamard
 from .relax_lowering_quant import QUANT_LOWERINGS
 from .int8_lowering import INT8_LOWERINGS
+from .integer_lowering import INTEGER_LOWERINGS
 
 
 __all__ = ["lower_graph", "SUPPORTED_OPS"]
@@ -416,6 +417,7 @@ _RULES = MappingProxyType({
     "GlobalAveragePool": (_global_avg_pool, frozenset()),
     **QUANT_LOWERINGS,
     **INT8_LOWERINGS,
+    **INTEGER_LOWERINGS,
 })
 SUPPORTED_OPS = frozenset(_RULES)
 

@@ -69,6 +69,9 @@ def _compile_parser() -> argparse.ArgumentParser:
                    help="8: int8 activations into integer GEMMs (W8A8 / W4A8 with --bits 4); default 16 (float)")
     p.add_argument("--act-mode", default="dynamic", choices=("dynamic", "static"),
                    help="--act-bits 8: per-token dynamic scales, or static per-tensor scales from --calib")
+    p.add_argument("--integer-only", action="store_true",
+                   help="--act-bits 8: integer-only inference (int32 accumulation, dyadic rescales; float only "
+                        "in the input quantizer and the output dequantizer; implies --act-mode static)")
     p.add_argument("-q", "--quiet", action="store_true")
     return p
 
@@ -103,6 +106,7 @@ def _cmd_compile(argv) -> int:
         passes=tuple(p.strip() for p in args.passes.split(",") if p.strip()),
         method=args.method, act_order=args.act_order, calib=args.calib, size_budget_mb=args.size_budget,
         fallback=args.fallback, act_bits=args.act_bits, act_mode=args.act_mode,
+        integer_only=args.integer_only,
     )
     eval_inputs = _load_npz(args.inputs) if args.inputs else None
     art = compile_model(args.model, config, output=args.output, eval_inputs=eval_inputs)

@@ -44,6 +44,9 @@ class CompileConfig:
     ``act_bits`` 8 quantizes Linear activations too (passes.quantize_activations: int8 GEMMs,
     weights ``bits`` 8 or 4 symmetric per channel); ``act_mode`` "dynamic" (per token) or
     "static" (per tensor, calibrated like ``method`` gptq).
+    ``integer_only`` (needs ``act_bits`` 8; implies static scales): passes.integerize makes every
+    tensor between the input quantizer and the output dequantizer an integer (int32 accumulation,
+    dyadic rescales); only those two boundary kernels compute in float.
     """
 
     target: str = "llvm"
@@ -64,6 +67,7 @@ class CompileConfig:
     fallback: str = "off"
     act_bits: int = 16
     act_mode: str = "dynamic"
+    integer_only: bool = False
     version: int = 1
 
     def __post_init__(self):
@@ -71,6 +75,8 @@ class CompileConfig:
             raise InputError(f"--act-bits must be 8 or 16 (got {self.act_bits})")
         if self.act_mode not in ("dynamic", "static"):
             raise InputError(f"--act-mode must be dynamic or static (got '{self.act_mode}')")
+        if self.integer_only and self.act_bits != 8:
+            raise InputError(f"--integer-only needs --act-bits 8 (got {self.act_bits})")
         if self.act_bits == 8 and self.bits not in (4, 8):
             raise InputError(f"--act-bits 8 needs --bits 8 or 4 (got {self.bits})")
         if self.fallback not in ("off", "auto"):

@@ -134,6 +134,10 @@ def _quantize(graph: Graph, config: CompileConfig, calibration: dict | None) -> 
     from qcompile.passes.quant_config import WeightQuantConfig
     from qcompile.passes.quantize_weights import QuantizeWeightsPass
 
+    if config.integer_only:
+        from qcompile.passes.integerize import integerize_w8a8
+
+        return integerize_w8a8(graph, config, calibration)
     if config.act_bits == 8:
         from qcompile.passes.quantize_activations import quantize_w8a8
 

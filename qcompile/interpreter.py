@@ -18,6 +18,7 @@ from .errors import InputError, InvariantError, UnsupportedOpError
 from .ir import Graph, Node
 from .interpreter_quant import QUANT_KERNELS
 from .interpreter_int8 import INT8_KERNELS
+from .interpreter_integer import INTEGER_KERNELS
 from .quant import dequantize_weight
 
 __all__ = ["run", "run_node", "KERNELS", "dequantize_qgather_table", "dequantize_qlinear_weight"]
@@ -294,7 +295,8 @@ def _pool(kind):
         strides = at.get("strides") or (1,) * r
         axes = tuple(range(-r, 0))
         if kind == "max":
-            win = _windows(_pad(x, pads, -np.inf), kshape, strides, (1,) * r)
+            low = -np.inf if np.issubdtype(x.dtype, np.floating) else np.iinfo(x.dtype).min  # integer-only pools
+            win = _windows(_pad(x, pads, low), kshape, strides, (1,) * r)
             return np.ascontiguousarray(win.max(axis=axes))
         total = _windows(_pad(x, pads, 0), kshape, strides, (1,) * r).sum(axis=axes)
         count = _windows(_pad(np.ones_like(x[:1, :1]), pads, 0), kshape, strides, (1,) * r).sum(axis=axes)
@@ -321,4 +323,5 @@ KERNELS: dict[str, Kernel] = {
     "Conv": _conv, "MaxPool": _pool("max"), "AveragePool": _pool("avg"), "GlobalAveragePool": _global_avg_pool,
     **QUANT_KERNELS,
     **INT8_KERNELS,
+    **INTEGER_KERNELS,
 }

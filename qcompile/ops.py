@@ -53,6 +53,24 @@ zero point 128: u = q + 128, q in [-127, 127]; rounding is half to even.
       y = float32(sum_k (u - 128) * qweight[k, n]) * (xscale * wscale[n]) + bias[n];
       exact integer accumulation (int32). attrs: wbits (qweight lies in +-(2**(wbits-1) - 1)).
 
+Integer-only (inserted by passes.integerize; reference: qcompile.interpreter_integer). Codes are
+uint8 with zero point 128 (q = u - 128); accumulators are int32; every value is an exact integer.
+A dyadic rescale by (m int32, s int32) is fpm(x, m, s) = int32((int64(x) << max(s, 0)) * m
++ 2**(t - 1)) >> t) with t = max(-s, 0) + 31, i.e. x * m * 2**(s - 31) rounded half up, exactly
+TVM's tirx.q_multiply_shift_per_axis with q = 31 (int32 results wrap).
+  IntLinear(u uint8[..., K], qweight int8 const [K, N], bias int32 [N]?) -> int32[..., N]
+      acc = sum_k (u - 128) * qweight[k, n] + bias[n]. attrs: wbits.
+  IntConv(u uint8 NCHW, w int8 const [Cout, Cin/group, kh, kw], bias int32 [Cout]?) -> int32 NCHW
+      Conv semantics on q = u - 128, padding with q = 0 (code 128). attrs: strides, pads,
+      dilations, group.
+  Requantize(x int32 | uint8 codes, multiplier int32 [C], shift int32 [C]) -> out_dtype
+      attrs: axis (the axis C runs along; unused when C == 1), out_dtype ("int32" | "uint8"),
+      qmin, qmax (uint8 only; default -127, 127). v = x (int32) or x - 128 (codes);
+      r = fpm(v, multiplier[c], shift[c]); int32: r; uint8: clip(r, qmin, qmax) + 128.
+  The integer graph also uses Clip, MaxPool, ReduceSum, Add, Sub, Cast and data movement on
+  integer dtypes (their generic semantics, exact). Its float boundary: QuantizeAct (static) of a
+  graph input, DequantizeLinear of a graph output.
+
 Rotation (inserted by passes.hadamard_rotation; see qcompile.hadamard):
   Hadamard(x) attrs: size, axis (-1 only)
       y = x @ kron(I, H_size) along the last axis, H_size = qcompile.hadamard.hadamard(size)
@@ -85,7 +103,7 @@ OTHER_OPS = frozenset(
     """Where Clip Gelu Hadamard Cast Softmax LayerNorm MatMul Linear QLinear QGather Reshape Transpose
     Gather Slice Concat Expand Conv MaxPool AveragePool GlobalAveragePool
     QuantizeLinear DequantizeLinear DynamicQuantizeLinear MatMulInteger
-    QuantizeAct Int8Linear""".split()
+    QuantizeAct Int8Linear IntLinear IntConv Requantize""".split()
 )
 ALL_OPS = ELEMENTWISE_BINARY | ELEMENTWISE_UNARY | REDUCTIONS | OTHER_OPS
 

@@ -1,0 +1,70 @@
+"""TE kernels of the integer-only path: the int8 GEMM with an int32 epilogue, and the dyadic rescale.
+
+Semantics are those of :mod:`qcompile.ops` (``IntLinear``, ``Requantize``) and of the reference
+kernels in :mod:`qcompile.interpreter_integer`; the compiled kernels agree with them bit for bit.
+No float appears anywhere in these kernels.
+
+* :func:`int_linear_kernel` reuses the W8A8 GEMM (:mod:`qcompile.backends.int8_kernels`: uint8
+  codes with zero point 128, VNNI packing, schedules of :mod:`qcompile.schedules.llvm_int8`); its
+  epilogue adds one int32 vector ``bias'[n] = bias[n] - 128 * sum_k w[k, n]`` (folded at compile
+  time) and stores int32.
+* :func:`requantize_compute` is the TE body of ``Requantize``: ``tirx.q_multiply_shift_per_axis``
+  with q = 31 (int64 product, rounding shift), as ``topi.fixed_point_multiply_per_axis`` emits it.
+"""
+
+from __future__ import annotations
+
+from tvm import te, tirx
+
+from qcompile.schedules import llvm_int8 as sched
+
+from .kernels import _check_dims, _finish
+
+__all__ = ["int_linear_kernel", "requantize_compute"]
+
+
+def int_linear_kernel(m: int, k: int, n: int, vnni: bool, target) -> tirx.PrimFunc:
+    """acc[m, n] = sum_k u[m, k] * w[k, n] + bias[n], int32.
+
+    Args: u uint8[m, k], w int8 (``[n/16, k/4, 16, 4]`` when ``vnni``, else ``[k, n]``),
+    bias int32[n] (already minus ``128 * sum_k w``), acc int32[m, n].
+    """
+    _check_dims(m=m, k=k, n=n)
+    if vnni and (k % 4 or n % 16):
+        raise ValueError(f"the VNNI kernel needs K % 4 == 0 and N % 16 == 0 (K={k}, N={n})")
+    u = te.placeholder((m, k), "uint8", name="u")
+    if vnni:
+        w = te.placeholder((n // 16, k // 4, 16, 4), "int8", name="w")
+        w_at = lambda r, j: w[j // 16, r // 4, j % 16, r % 4]  # noqa: E731
+    else:
+        w = te.placeholder((k, n), "int8", name="w")
+        w_at = lambda r, j: w[r, j]  # noqa: E731
+    bias = te.placeholder((n,), "int32", name="bias")
+    r = te.reduce_axis((0, k), name="r")
+    acc = te.compute((m, n), lambda i, j: te.sum(u[i, r].astype("int32") * w_at(r, j).astype("int32"), axis=r),
+                     name="matmul")
+    y = te.compute((m, n), lambda i, j: acc[i, j] + bias[j], name="epilogue")
+    schedule = sched.schedule_vnni_gemm if vnni else sched.schedule_int_gemm
+    return _finish([u, w, bias, y], target, lambda s, p: schedule(s, "matmul", "epilogue", m, n, p))
+
+
+def requantize_compute(x: te.Tensor, mult: te.Tensor, shift: te.Tensor, axis: int, out_dtype: str,
+                       qmin: int, qmax: int) -> te.Tensor:
+    """TE: ``Requantize`` of int32 / uint8-code ``x`` with per-channel (along ``axis``) or scalar params."""
+    per_channel = int(mult.shape[0]) > 1
+
+    def body(*idx):
+        v = x(*idx).astype("int32")
+        if x.dtype == "uint8":
+            v = v - tirx.const(128, "int32")
+        c = idx[axis] if per_channel else 0
+        s = shift[c]
+        r = tirx.q_multiply_shift_per_axis(
+            v, mult[c], te.max(s, tirx.const(0, "int32")), te.max(-s, tirx.const(0, "int32")),
+            tirx.IntImm("int32", 31), tirx.IntImm("bool", 1), tirx.IntImm("bool", 1))
+        if out_dtype == "int32":
+            return r
+        r = te.max(te.min(r, tirx.const(qmax, "int32")), tirx.const(qmin, "int32"))
+        return (r + tirx.const(128, "int32")).astype("uint8")
+
+    return te.compute(x.shape, body, name="requantize")

@@ -1,0 +1,123 @@
+"""Relax lowerings of the integer-only ops (merged into :mod:`.relax_lowering`'s rules).
+
+1. ``IntLinear`` -> one scheduled int8 GEMM kernel (VNNI on x86 with AVX-512 VNNI when
+   K % 4 == 0 and N % 16 == 0, the weight packed here at compile time) with an int32 epilogue;
+   ``bias - 128 * sum_k w`` is folded into one int32 constant. Opaque to ``FuseOps``.
+2. ``IntConv`` -> ``relax.op.nn.conv2d`` on int8 (codes minus 128) with ``out_dtype`` int32
+   (legalized to an integer TIR convolution), plus the int32 bias.
+3. ``Requantize`` -> a TE function (``emit_te``) around ``tirx.q_multiply_shift_per_axis``;
+   ``FuseOps`` may fuse it with its integer neighbours (Clip, Add, pooling).
+
+Refusal: a non-constant weight raises :class:`UnsupportedOpError` naming the node.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+from tvm import relax
+
+from qcompile.errors import UnsupportedOpError
+
+from . import int8_kernels, integer_kernels
+
+__all__ = ["INTEGER_LOWERINGS", "BOUNDARY_KERNELS", "float_primfuncs"]
+
+R = relax.op
+OPAQUE = 8  # relax OpPatternKind::kOpaque
+# name prefixes of the PrimFuncs of the float boundary: static QuantizeAct and DequantizeLinear
+BOUNDARY_KERNELS = ("quantize_static", "dequantize_linear")
+_FLOAT = re.compile(r"\b(?:float|bfloat)\d+")
+
+
+def _shape(x) -> tuple[int, ...]:
+    return tuple(int(d) for d in x.ty.shape)
+
+
+def _int_linear(ctx, node):
+    wname = node.inputs[1]
+    if not ctx.graph.is_constant(wname):
+        raise UnsupportedOpError(node.op, node.name, "qweight must be a constant")
+    w = ctx.graph.constants[wname]
+    k, n = w.shape
+    x = ctx.get(node.inputs[0])
+    shape = _shape(x)
+    m = math.prod(shape[:-1])
+    u = x if len(shape) == 2 else ctx.emit(R.reshape(x, (m, k)))
+    bias = -128 * w.astype(np.int64).sum(axis=0)
+    if len(node.inputs) > 2 and node.inputs[2]:
+        bias = bias + ctx.graph.constants[node.inputs[2]].astype(np.int64)
+    vnni = int8_kernels.vnni_supported(ctx.target) and k % 4 == 0 and n % 16 == 0
+    wconst = relax.const(int8_kernels.pack_vnni(w) if vnni else np.ascontiguousarray(w))
+    key = ("integer_kernels.int_linear_kernel", (m, k, n, vnni))
+    gvar = ctx._kernels.get(key)  # pylint: disable=protected-access  (the context's kernel cache)
+    if gvar is None:
+        func = integer_kernels.int_linear_kernel(m, k, n, vnni, ctx.target).with_attr("op_pattern", OPAQUE)
+        gvar = ctx.bb.add_func(func, f"int_linear_{len(ctx._kernels)}")
+        ctx._kernels[key] = gvar  # pylint: disable=protected-access
+    y = ctx.emit(relax.call_tir(gvar, [u, wconst, relax.const(bias.astype(np.int32))],
+                                relax.TensorType((m, n), "int32")))
+    return y if len(shape) == 2 else ctx.emit(R.reshape(y, (*shape[:-1], n)))
+
+
+def _int_conv(ctx, node):
+    x = ctx.get(node.inputs[0])
+    if len(_shape(x)) != 4:
+        raise UnsupportedOpError(node.op, node.name, "only 2-D (NCHW) convolution is lowered")
+    if not ctx.graph.is_constant(node.inputs[1]):
+        raise UnsupportedOpError(node.op, node.name, "the weight must be a constant")
+    at = node.attrs
+    q = ctx.emit(R.astype(ctx.emit(R.subtract(ctx.emit(R.astype(x, "int32")), relax.const(128, "int32"))), "int8"))
+    y = ctx.emit(R.nn.conv2d(q, ctx.get(node.inputs[1]), strides=tuple(at.get("strides") or (1, 1)),
+                             padding=tuple(at.get("pads") or (0, 0, 0, 0)),
+                             dilation=tuple(at.get("dilations") or (1, 1)), groups=int(at.get("group", 1)),
+                             out_dtype="int32"))
+    if len(node.inputs) > 2 and node.inputs[2]:
+        y = ctx.emit(R.add(y, ctx.emit(R.reshape(ctx.get(node.inputs[2]), (1, -1, 1, 1)))))
+    return y
+
+
+def _requantize(ctx, node):
+    x, mult, shift = (ctx.get(n) for n in node.inputs)
+    at = node.attrs
+    rank = len(_shape(x))
+    return ctx.bb.emit_te(integer_kernels.requantize_compute, x, mult, shift, int(at.get("axis", -1)) % rank,
+                          str(at["out_dtype"]), int(at.get("qmin", -127)), int(at.get("qmax", 127)),
+                          primfunc_name_hint="requantize")
+
+
+INTEGER_LOWERINGS = {
+    "IntLinear": (_int_linear, frozenset({"wbits"})),
+    "IntConv": (_int_conv, frozenset({"strides", "pads", "dilations", "group"})),
+    "Requantize": (_requantize, frozenset({"axis", "out_dtype", "qmin", "qmax"})),
+}
+
+
+def float_primfuncs(mod) -> dict[str, list[str]]:
+    """PrimFunc name -> float dtypes named anywhere in its TIR (buffers, casts, constants, locals).
+
+    Looks at every PrimFunc that a Relax function of ``mod`` calls (e.g. the module after the
+    target's Relax pipeline, before codegen; PrimFuncs left behind unused, such as a reshape
+    turned into a runtime view, are skipped) through its TVMScript text, so nothing typed float
+    can hide in a nested expression.
+    """
+    from tvm import ir, tirx
+
+    called: set[str] = set()
+
+    def visit(expr):
+        if isinstance(expr, ir.GlobalVar):
+            called.add(expr.name_hint)
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    found = {}
+    for gvar, func in mod.functions_items():
+        if isinstance(func, tirx.PrimFunc) and gvar.name_hint in called:
+            dtypes = sorted(set(_FLOAT.findall(func.script())))
+            if dtypes:
+                found[gvar.name_hint] = dtypes
+    return found

@@ -1,0 +1,90 @@
+"""Register-tiled GEMM with a 4-deep integer dot-product instruction, shared by targets.
+
+Both x86 AVX-512 VNNI (``vpdpbusd``: 16 int32 lanes, u8 x s8) and aarch64 dotprod
+(``sdot``: 4 int32 lanes, s8 x s8) compute, per instruction, ``C[l] += sum_{k<4} A[k] *
+B[l, k]`` for every lane ``l`` with ``A`` (four activation bytes) broadcast: one tensor
+intrinsic shape, parameterised by lanes, activation dtype and LLVM intrinsic
+(:func:`register_dot_intrin`). The reduction block ``matmul`` (loops i, j, r) over weights
+packed ``[N/lanes, K/4, lanes, 4]`` is tiled into ``mr`` rows x ``nv`` lane-vectors with loop
+order ``column panel, row block, k/4, mr (unrolled), nv (unrolled), [lanes x 4 tensorized]``
+(:func:`schedule_dot_gemm`). The accumulator tile lives in registers ("local"; TVM's shipped
+intrinsics declare it global, hence our own), column panels and row blocks run in parallel.
+No graph rewrites live here.
+"""
+
+from __future__ import annotations
+
+from tvm.s_tir import TensorIntrin
+from tvm.script import tirx as T
+
+__all__ = ["register_dot_intrin", "schedule_dot_gemm", "largest_divisor"]
+
+
+def register_dot_intrin(name: str, lanes: int, a_dtype: str, llvm_intrin: str) -> str:
+    """Register ``C[lanes] += A[4] . B[lanes, 4]`` (int32 accumulate) as tensor intrinsic ``name``."""
+    a_vec, b_vec, c_vec = f"{a_dtype}x{4 * lanes}", f"int8x{4 * lanes}", f"int32x{lanes}"
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        A: T.Buffer((4,), a_dtype, offset_factor=1),
+        B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+        C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            for i in T.serial(0, lanes):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        A: T.Buffer((4,), a_dtype, offset_factor=1),
+        B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+        C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            a_word = T.reinterpret(A.vload([0], f"{a_dtype}x4"), dtype="int32")
+            a_bcast = T.reinterpret(T.broadcast(a_word, lanes), dtype=a_vec)
+            C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(llvm_intrin),
+                C.vload([0], dtype=c_vec), a_bcast, B.vload([0, 0], dtype=b_vec), dtype=c_vec,
+            )
+
+    TensorIntrin.register(name, desc, impl, override=True)
+    return name
+
+
+def largest_divisor(value: int, cap: int) -> int:
+    return next(d for d in range(min(cap, value), 0, -1) if value % d == 0)
+
+
+def schedule_dot_gemm(sch, block: str, epilogue: str, *, mr: int, nv: int, lanes: int, intrin: str) -> None:
+    """Tile and tensorize the packed int8 GEMM (module docstring); the epilogue is computed per row block."""
+    mm = sch.get_sblock(block)
+    i, j, r = sch.get_loops(mm)
+    io, ii = sch.split(i, [None, mr])
+    jo, jv, ji = sch.split(j, [None, nv, lanes])
+    ro, ri = sch.split(r, [None, 4])
+    sch.reorder(jo, io, ro, ii, jv, ji, ri)
+    epi = sch.get_sblock(epilogue)
+    sch.reverse_compute_at(epi, io)
+    sch.set_scope(mm, 0, "local")
+    sch.parallel(sch.fuse(jo, io))
+    init = sch.decompose_reduction(mm, ro)
+    sch.tensorize(ji, intrin)
+    sch.unroll(ii)
+    sch.unroll(jv)
+    *_, row, vec, lane = sch.get_loops(init)  # the init block keeps the (mr, nv, lanes) split
+    sch.unroll(row)
+    sch.unroll(vec)
+    sch.vectorize(lane)
+    *_, row, col = sch.get_loops(epi)
+    sch.unroll(row)
+    co, cv = sch.split(col, [None, lanes])
+    sch.vectorize(cv)
+    sch.unroll(co)
