@@ -326,7 +326,8 @@ def plot(result: dict, path: Path) -> None:
             ax.legend(loc="lower right", fontsize=7)
         else:
             rows = [r for r in result["minilm"] if r["batch"] == key]
-            values, title = [r["ms"] for r in rows], f"all-MiniLM-L6-v2 batch {key} seq 128: ms (lower is better)"
+            values, title = [r["ms"] for r in rows], f"all-MiniLM-L6-v2 batch {key} seq 128: ms, log scale (lower is better)"
+            ax.set_xscale("log")
         colors = ["tab:blue" if r["contender"].startswith("qcompile") else "tab:gray" for r in rows]
         ax.barh([r["contender"] for r in rows], values, color=colors)
         ax.invert_yaxis()
