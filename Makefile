@@ -23,4 +23,4 @@ test-fast: $(STAMP)
 	$(PYTHON) -m pytest -q -m "not slow"
 
 bench: $(STAMP)
-	$(PYTHON) tools/bench_minilm.py
+	$(PYTHON) tools/bench.py

@@ -11,15 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 
 from . import minilm
 
-__all__ = ["main", "embed_sentences", "median_ms", "ort_session", "default_onnx_path"]
+__all__ = ["main", "embed_sentences", "ort_session", "default_onnx_path"]
 
 SEQ = 128
 
@@ -47,17 +45,6 @@ def embed_sentences(run_one, feeds: dict) -> np.ndarray:
     return np.concatenate([run_one({k: v[i : i + 1] for k, v in feeds.items()}) for i in range(n)])
 
 
-def median_ms(fn, repeats: int = 30, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="qcompile demo", description=__doc__.splitlines()[0])
     p.add_argument("--bits", type=int, default=4)
@@ -67,6 +54,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import qcompile
+    from qcompile.timing import median_ms
 
     onnx_path = default_onnx_path()
     feeds = minilm.tokenize(minilm.SENTENCES, SEQ)

@@ -35,9 +35,9 @@ Rewrites, in graph order:
 Boundary (the only float arithmetic left): the static ``QuantizeAct`` of each float graph input
 (float -> int8 codes, inserted from ``ranges`` when absent) and the final ``DequantizeLinear``.
 
-Refusals: any other op on an integer value, a float value that is neither a graph input nor
-integer, dynamic ``QuantizeAct``, padded AveragePool excluding the padding, a missing range:
-:class:`UnsupportedOpError` / :class:`InputError` naming the node.
+Refusals (:class:`UnsupportedOpError` / :class:`InputError` naming the node): any other op on an
+integer value, a float value that is neither a graph input nor integer, dynamic ``QuantizeAct``,
+an AveragePool whose window count varies (padding excluded, ceil_mode), a missing range.
 Postcondition (``ensures``): every value produced or consumed by a node other than the two
 boundary ops is an integer tensor.
 """
@@ -308,8 +308,9 @@ class _Rewriter:
 
     def _r_AveragePool(self, node: Node) -> None:
         at = node.attrs
-        if any(at.get("pads") or ()) and not at.get("count_include_pad", 0):
-            raise UnsupportedOpError(node.op, node.name, "--integer-only: padded average excluding the padding")
+        if (any(at.get("pads") or ()) and not at.get("count_include_pad", 0)) or at.get("ceil_mode", 0):
+            raise UnsupportedOpError(node.op, node.name, "--integer-only: the window count varies (padding "
+                                     "excluded, or ceil_mode)")
         src = self.codes(node.inputs[0], node)
         channels, kernel = self.g.type_of(src.name).shape[1], tuple(at["kernel_shape"])
         ones = self._const(f"{node.name}.window", np.ones((channels, 1, *kernel), np.int8))

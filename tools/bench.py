@@ -42,6 +42,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from qcompile.timing import median_ms, time_contenders
+
 GEMV_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (n = out, k = in)
 # label, bits, group, symmetric, int8 activations
 GEMV_QVARIANTS = [("W8", 8, 0, True, False), ("W8A8", 8, 0, True, True),
@@ -50,27 +52,6 @@ GEMV_QVARIANTS = [("W8", 8, 0, True, False), ("W8A8", 8, 0, True, True),
                   ("W2 g128", 2, 128, False, False), ("W2A8 g128", 2, 128, False, True)]
 MINILM_VARIANTS = [("qcompile fp32", 16, 0), ("qcompile W8", 8, 0), ("qcompile W4 g32", 4, 32),
                    ("qcompile W4 g128", 4, 128), ("qcompile W2 g32", 2, 32)]
-
-
-def block_median_ms(fn, repeats: int, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-def time_contenders(contenders: dict, repeats: int, rounds: int) -> dict:
-    """label -> best block median (ms); blocks run one contender at a time, rounds apart."""
-    best = {label: float("inf") for label in contenders}
-    for _ in range(rounds):
-        for label, fn in contenders.items():
-            time.sleep(0.2)  # let the previous contender's spinning threads go idle
-            best[label] = min(best[label], block_median_ms(fn, repeats))
-    return best
 
 
 # ---------------------------------------------------------------------------- bandwidth

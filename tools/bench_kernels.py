@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
+
+from qcompile.timing import median_ms
 
 GEMMS = [(128, 384, 384), (128, 384, 1536), (128, 1536, 384)]
 EXTRA_GEMMS = [(1, 384, 1536), (1, 4096, 4096)]
@@ -28,83 +29,7 @@ BMMS = [(12, 128, 32, 128), (12, 128, 128, 32)]
 
 
 def _median_s(fn, repeats: int) -> float:
-    import numpy as np
-
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
-def _best_round_medians(contenders: dict, repeats: int, rounds: int) -> dict:
-    best = {label: float("inf") for label in contenders}
-    for _ in range(rounds):
-        for label, fn in contenders.items():
-            time.sleep(0.05)  # let the previous contender's spinning pool threads go idle
-            best[label] = min(best[label], _median_s(fn, repeats))
-    return best
-
-
-def _tvm_callable(func, arrays, target):
-    import tvm
-
-    mod = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
-    fn, args = mod.mod["main"], [tvm.runtime.tensor(a) for a in arrays]
-    return lambda: fn(*args)
-
-
-def _ort_callable(a, b, threads: int):
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["a", "b"], ["c"])], "mm",
-        [helper.make_tensor_value_info("a", TensorProto.FLOAT, list(a.shape))],
-        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [a.shape[0], b.shape[1]])],
-        [numpy_helper.from_array(b, "b")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    # no spin-waiting after a run: spinning ORT workers starve OpenBLAS's and TVM's threads
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return lambda: sess.run(None, {"a": a})
-
-
-def _qlinear_arrays(rng, x, n, bits, group, symmetric):
-    import numpy as np
-
-    from qcompile import quant
-
-    m, k = x.shape
-    groups = k // group if group else 1
-    packed = quant.pack_codes(rng.integers(0, 1 << bits, (n, k), dtype=np.uint8), bits)
-    scales = rng.random((n, groups), dtype=np.float32) * 0.01
-    zeros = [] if symmetric else [rng.integers(0, 1 << bits, (n, groups)).astype(np.float32)]
-    return [x, packed, scales, *zeros, rng.standard_normal(n, dtype=np.float32),
-            np.zeros((m, n), np.float32)]
-
-
-def _gemm_contenders(m, k, n, target, threads, rng, qvariants) -> dict:
-    import numpy as np
-
-    from qcompile.backends import kernels
-
-    a = rng.standard_normal((m, k), dtype=np.float32)
-    b = rng.standard_normal((k, n), dtype=np.float32)
-    bias = rng.standard_normal(n, dtype=np.float32)
-    out = {"linear": _tvm_callable(kernels.linear_kernel(m, k, n, True, target),
-                                   [a, b, bias, np.zeros((m, n), np.float32)], target)}
-    for label, bits, group, sym in qvariants:
-        func = kernels.qlinear_kernel(m, k, n, bits, group, sym, True, target)
-        out[label] = _tvm_callable(func, _qlinear_arrays(rng, a, n, bits, group, sym), target)
-    out["numpy"] = lambda: np.matmul(a, b)
-    out["ort"] = _ort_callable(a, b, threads)
-    return out
+    return median_ms(fn, repeats, warmup=3) / 1e3
 
 
 def _cell(seconds: float, flop: float) -> str:

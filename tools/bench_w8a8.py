@@ -35,7 +35,8 @@ def main() -> int:
 
     import qcompile
     from qcompile.models import minilm
-    from qcompile.models.demo import default_onnx_path, median_ms, ort_session
+    from qcompile.models.demo import default_onnx_path, ort_session
+    from qcompile.timing import median_ms
 
     onnx_path = default_onnx_path()
     work = Path(tempfile.mkdtemp(prefix="qcw8a8-"))
