@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import qcompile
-    from qcompile.timing import median_ms
+    from qcompile.timing import time_contenders
 
     onnx_path = default_onnx_path()
     feeds = minilm.tokenize(minilm.SENTENCES, SEQ)
@@ -69,8 +69,9 @@ def main(argv=None) -> int:
     cos = float(np.mean(np.sum(ref * got, 1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))))
     sizes = art.manifest["sizes"]
     lib_bytes = art.manifest["files"][art.manifest["library"]]["bytes"]
-    t_q = median_ms(lambda: model(**first))
-    t_ort = median_ms(lambda: sess.run(None, first))
+    best = time_contenders({"qcompile": lambda: model(**first), "ort": lambda: sess.run(None, first)},
+                           repeats=30, rounds=3)
+    t_q, t_ort = best["qcompile"], best["ort"]
     summary = {
         "model": "all-MiniLM-L6-v2", "bits": args.bits, "group_size": args.group_size,
         "sentences": len(minilm.SENTENCES), "mean_cosine_vs_fp32": round(cos, 5),

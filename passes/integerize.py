@@ -376,7 +376,7 @@ def integerize_w8a8(graph: Graph, config, calibration: dict | None = None) -> Gr
     Calibrates on ``config.calib`` (npz), else ``calibration`` (eval inputs, split into samples),
     else synthesized inputs, like :func:`~qcompile.passes.quantize_activations.quantize_w8a8`.
     """
-    from qcompile.driver import synthesize_inputs
+    from qcompile.pipeline import synthesize_inputs
 
     from . import calibrate
     from .quantize_activations import ActQuantConfig, QuantizeActivationsPass

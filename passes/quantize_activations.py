@@ -221,7 +221,7 @@ def quantize_w8a8(graph: Graph, config, calibration: dict | None = None) -> Grap
     ``config.calib`` (npz), else ``calibration`` (eval inputs; a leading axis that is a
     multiple of the model's batch is split into samples), else synthesized inputs.
     """
-    from qcompile.driver import synthesize_inputs
+    from qcompile.pipeline import synthesize_inputs
 
     from .quant_config import WeightQuantConfig
     from .quantize_weights import QuantizeWeightsPass

@@ -13,7 +13,7 @@ compile did by default, on the evaluation inputs). Then, on the same inputs:
   not the one compiled (different calibration data) or a backend bug.
 
 Inputs: ``inputs`` (dict of arrays, shaped as the artifact's inputs) or synthesized
-(:func:`qcompile.driver.synthesize_inputs`).
+(:func:`qcompile.pipeline.synthesize_inputs`).
 """
 
 from __future__ import annotations
@@ -40,16 +40,16 @@ def config_from_manifest(manifest: dict) -> CompileConfig:
 
 def compare_artifact(model, artifact_dir, inputs: dict | None = None, calib: dict | None = None) -> dict:
     """Float vs fake-quant per layer and float / fake-quant / compiled on the outputs."""
-    from . import driver
+    from . import driver, pipeline
     from .artifact import verify
     from .metrics import compare
 
     manifest = verify(artifact_dir)
     config = config_from_manifest(manifest)
     graph, _ = driver.import_model(model, config.shapes)
-    feeds = driver._check_feeds(graph, inputs) if inputs is not None else driver.synthesize_inputs(graph)
-    float_graph, quant_graph = driver._optimize(graph, config, calib if calib is not None else feeds)
-    layers, ref_out, fq_out = driver._layer_report(float_graph, quant_graph, feeds)
+    feeds = pipeline.check_feeds(graph, inputs) if inputs is not None else pipeline.synthesize_inputs(graph)
+    float_graph, quant_graph = pipeline.optimize(graph, config, calib if calib is not None else feeds)
+    layers, ref_out, fq_out = driver.layer_report(float_graph, quant_graph, feeds)
     got = driver.load(artifact_dir).run(feeds)
     outputs = []
     for name in ref_out:

@@ -45,7 +45,7 @@ def cosine(ref: np.ndarray, got: np.ndarray) -> float:
 
 def qcompile_cell(graph, feeds, calib, row: dict, col: dict) -> float | str:
     from qcompile.config import CompileConfig
-    from qcompile.driver import _optimize
+    from qcompile.pipeline import optimize as _optimize
     from qcompile.errors import QCompileError
     from qcompile.interpreter import run
 
