@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny ONNX models built by hand, and the MiniLM export (cached per session)."""
+"""Shared fixtures: tiny ONNX models built by hand, the MiniLM export, and MiniLM quantized by
+onnxruntime's quantizers (the last two cached per session)."""
 
 from __future__ import annotations
 
@@ -50,3 +51,37 @@ def minilm_feeds():
     from qcompile.models import minilm
 
     return minilm.tokenize(minilm.SENTENCES, 128)
+
+
+@pytest.fixture(scope="session")
+def quantized_minilm(tmp_path_factory):
+    """MiniLM quantized by onnxruntime's MatMulNBits (block 32, 128), QDQ static, dynamic."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from qcompile.models import minilm
+
+    root = tmp_path_factory.mktemp("prequant")
+    base = minilm.export_onnx(root / "minilm.onnx")
+    paths = {}
+    for block in (32, 128):
+        q = MatMulNBitsQuantizer(onnx.load(str(base)), block_size=block, is_symmetric=False, bits=4)
+        q.process()
+        paths[f"nbits{block}"] = root / f"nbits{block}.onnx"
+        q.model.save_model_to_file(str(paths[f"nbits{block}"]), False)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            feeds = minilm.tokenize(minilm.SENTENCES[:4], seq_len=32)
+            self.items = iter([{k: v[i : i + 1] for k, v in feeds.items()} for i in range(4)])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    paths["qdq"] = root / "qdq.onnx"
+    quantize_static(str(base), str(paths["qdq"]), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    paths["dynamic"] = root / "dynamic.onnx"
+    quantize_dynamic(str(base), str(paths["dynamic"]))
+    return paths

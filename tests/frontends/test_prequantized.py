@@ -305,39 +305,7 @@ def test_dequantize_imported_pass_restores_linear():
 
 
 # ---------------------------------------------------------------------------- MiniLM (slow)
-@pytest.fixture(scope="session")
-def quantized_minilm(tmp_path_factory):
-    """MiniLM quantized by onnxruntime's MatMulNBits (block 32, 128), QDQ static, dynamic."""
-    import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    from qcompile.models import minilm
-
-    root = tmp_path_factory.mktemp("prequant")
-    base = minilm.export_onnx(root / "minilm.onnx")
-    paths = {}
-    for block in (32, 128):
-        q = MatMulNBitsQuantizer(onnx.load(str(base)), block_size=block, is_symmetric=False, bits=4)
-        q.process()
-        paths[f"nbits{block}"] = root / f"nbits{block}.onnx"
-        q.model.save_model_to_file(str(paths[f"nbits{block}"]), False)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            feeds = minilm.tokenize(minilm.SENTENCES[:4], seq_len=32)
-            self.items = iter([{k: v[i : i + 1] for k, v in feeds.items()} for i in range(4)])
-
-        def get_next(self):
-            return next(self.items, None)
-
-    paths["qdq"] = root / "qdq.onnx"
-    quantize_static(str(base), str(paths["qdq"]), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    paths["dynamic"] = root / "dynamic.onnx"
-    quantize_dynamic(str(base), str(paths["dynamic"]))
-    return paths
-
+# quantized_minilm: session fixture in tests/conftest.py
 
 # Max abs error on the embedding vs onnxruntime's reference-numerics session (ORT_ENABLE_BASIC).
 # Weight-only (MatMulNBits) models are float after dequantization: 1e-3 holds with a wide margin.
@@ -374,29 +342,11 @@ def _check_quant_nodes_on_ort_inputs(path, feeds):
     """Each quantization node of the model, fed onnxruntime's own inputs, reproduces its outputs exactly."""
     import onnx
 
-    from qcompile.frontends.onnx_quant import QRANGE
-    from qcompile.interpreter_quant import dynamic_quantize_linear, matmul_integer, quantize_linear
+    from prequant_helpers import check_quant_nodes, expose_quant_tensors
 
     model = onnx.load(str(path))
-    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    nodes = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger")
-             and n.input[0] not in consts]
-    wanted = {name for n in nodes for name in list(n.input) + list(n.output) if name and name not in consts}
-    known = {o.name for o in model.graph.output}
-    model.graph.output.extend(helper.make_empty_tensor_value_info(v) for v in sorted(wanted - known))
-    names = [o.name for o in model.graph.output]
-    env = {**consts, **dict(zip(names, _ort_path(model, feeds)))}
-    for n in nodes:
-        args = [env[i] if i else None for i in n.input]
-        if n.op_type == "QuantizeLinear":
-            qmin, qmax, dtype = QRANGE[str(args[2].dtype)]
-            got = [quantize_linear(args[0], args[1], args[2], qmin, qmax, dtype)]
-        elif n.op_type == "DynamicQuantizeLinear":
-            got = list(dynamic_quantize_linear(args[0]))
-        else:
-            got = [matmul_integer(*args)]
-        for out, value in zip(n.output, got):
-            np.testing.assert_array_equal(value, env[out], err_msg=f"{n.op_type} {n.name}")
+    names = expose_quant_tensors(model)
+    assert check_quant_nodes(model, dict(zip(names, _ort_path(model, feeds)))) > 0
 
 
 def _ort_path(path, feeds):
