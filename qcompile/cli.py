@@ -25,8 +25,10 @@ examples:
   qcompile model.onnx --method gptq --bits 2.5 --group-size 128 --calib calib.npz -o out/
   qcompile compare model.onnx out/ --inputs in.npz   # per-layer SQNR / cosine
   qcompile demo            # the embedded default model (all-MiniLM-L6-v2), end to end
+  qcompile tune model.onnx --trials 32 --db tuned/ --bits 16 --shape x=1x128   # MetaSchedule
+  qcompile model.onnx --bits 16 --shape x=1x128 --db tuned/ -o out/             # use its records
 """
-SUBCOMMANDS = ("compile", "run", "inspect", "demo", "compare")
+SUBCOMMANDS = ("compile", "run", "inspect", "demo", "compare", "tune")
 
 
 def _compile_parser() -> argparse.ArgumentParser:
@@ -72,6 +74,8 @@ def _compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--integer-only", action="store_true",
                    help="--act-bits 8: integer-only inference (int32 accumulation, dyadic rescales; float only "
                         "in the input quantizer and the output dequantizer; implies --act-mode static)")
+    p.add_argument("--db", default=None, metavar="DIR",
+                   help="tuning database written by `qcompile tune` (--target llvm): apply its schedules")
     p.add_argument("-q", "--quiet", action="store_true")
     return p
 
@@ -106,7 +110,7 @@ def _cmd_compile(argv) -> int:
         passes=tuple(p.strip() for p in args.passes.split(",") if p.strip()),
         method=args.method, act_order=args.act_order, calib=args.calib, size_budget_mb=args.size_budget,
         fallback=args.fallback, act_bits=args.act_bits, act_mode=args.act_mode,
-        integer_only=args.integer_only,
+        integer_only=args.integer_only, tuning_db=args.db,
     )
     eval_inputs = _load_npz(args.inputs) if args.inputs else None
     art = compile_model(args.model, config, output=args.output, eval_inputs=eval_inputs)
@@ -201,6 +205,38 @@ def _cmd_compare(argv) -> int:
     return 0
 
 
+def _cmd_tune(argv) -> int:
+    p = argparse.ArgumentParser(
+        prog="qcompile tune",
+        description="Tune the functions without a hand schedule (fused elementwise / reduction functions) "
+                    "with MetaSchedule; compile with --db DIR to use the results.")
+    p.add_argument("model", help="ONNX model file")
+    p.add_argument("--target", default="llvm", help="llvm (this host) only")
+    p.add_argument("--trials", type=int, required=True, help="MetaSchedule trials per function")
+    p.add_argument("--db", default=None, metavar="DIR",
+                   help="database directory (default ~/.cache/qcompile/tuning/<target hash>)")
+    p.add_argument("--shape", action="append", default=[], metavar="NAME=D1xD2",
+                   help="bind a dynamic input shape (as for compile: tune the shapes you compile)")
+    p.add_argument("--bits", type=_bits_option, default=4, help="weight bits, as for compile (default 4)")
+    p.add_argument("--group-size", type=int, default=0, help="as for compile")
+    p.add_argument("--symmetric", action="store_true", help="as for compile")
+    p.add_argument("--act-bits", type=int, default=16, choices=(8, 16), help="as for compile")
+    p.add_argument("--threads", type=int, default=None, help="cores of the target (default: all)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    from .driver import tune
+
+    config = CompileConfig(target=args.target, bits=args.bits, group_size=args.group_size,
+                           symmetric=args.symmetric, act_bits=args.act_bits, num_threads=args.threads,
+                           shapes=dict(parse_shape(s) for s in args.shape))
+    summary = tune(args.model, config, trials=args.trials, db=args.db, progress=not args.quiet)
+    tuned = sum(1 for t in summary["tasks"] if t["records"])
+    print(f"tuned {tuned} of {len(summary['tasks'])} function(s) into {summary['db']}")
+    for task in summary["tasks"]:
+        print(f"  {task['name']}: {task['records']} valid record(s)")
+    return 0
+
+
 def _cmd_demo(argv) -> int:
     from qcompile.models.demo import main as demo_main
 
@@ -214,7 +250,7 @@ def main(argv=None) -> int:
     for noisy in ("tvm", "torch", "onnxscript", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     handlers = {"run": _cmd_run, "inspect": _cmd_inspect, "demo": _cmd_demo, "compile": _cmd_compile,
-                "compare": _cmd_compare}
+                "compare": _cmd_compare, "tune": _cmd_tune}
     command = argv[0] if argv and argv[0] in SUBCOMMANDS else "compile"
     rest = argv[1:] if argv and argv[0] in SUBCOMMANDS else argv
     try:

@@ -47,6 +47,8 @@ class CompileConfig:
     ``integer_only`` (needs ``act_bits`` 8; implies static scales): passes.integerize makes every
     tensor between the input quantizer and the output dequantizer an integer (int32 accumulation,
     dyadic rescales); only those two boundary kernels compute in float.
+    ``tuning_db``: a MetaSchedule database directory written by ``qcompile tune`` (target llvm
+    only); the build schedules the functions it has records for from them, without searching.
     """
 
     target: str = "llvm"
@@ -68,6 +70,7 @@ class CompileConfig:
     act_bits: int = 16
     act_mode: str = "dynamic"
     integer_only: bool = False
+    tuning_db: str | None = None
     version: int = 1
 
     def __post_init__(self):
@@ -83,6 +86,8 @@ class CompileConfig:
             raise InputError(f"--fallback must be off or auto (got '{self.fallback}')")
         if self.target not in SUPPORTED_TARGETS:
             raise InputError(f"--target must be one of {', '.join(SUPPORTED_TARGETS)} (got '{self.target}')")
+        if self.tuning_db is not None and self.target != "llvm":
+            raise InputError(f"--db (tuning database) applies to --target llvm only (target is '{self.target}')")
         if self.cpu is not None and self.target != "arm64":
             raise InputError(f"--cpu applies to --target arm64 only (target is '{self.target}')")
         if self.target == "arm64" and self.cpu not in (None, *ARM64_CPUS):

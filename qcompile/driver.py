@@ -24,7 +24,7 @@ from .errors import InputError, ModelFormatError
 from .ir import Graph
 from .pipeline import check_feeds, optimize, synthesize_inputs
 
-__all__ = ["compile", "load", "Artifact", "CompiledModel", "import_model", "layer_report"]
+__all__ = ["compile", "tune", "load", "Artifact", "CompiledModel", "import_model", "layer_report"]
 
 logger = logging.getLogger("qcompile")
 
@@ -109,9 +109,9 @@ def compile(model, config: CompileConfig | None = None, *, output=None, example_
         graph = _profitability(graph, float_graph, _make_target(backend, config), config.fallback)
     with artifact.staging_dir(Path(output)) as stage:
         with _phase("build", timings):
-            executable = backend.build(graph, _make_target(backend, config))
+            executable, tuning = _build(backend, graph, config)
             payload, device = _export(backend, config, executable, stage)
-        report = {"timings_s": timings}
+        report = {"timings_s": timings, **({"tuning": tuning} if tuning else {})}
         accuracy = {}
         if config.verify and not _can_run_here(backend, config):
             logger.warning("qemu-aarch64 not found: the arm64 artifact is not checked at compile time")
@@ -136,6 +136,44 @@ def compile(model, config: CompileConfig | None = None, *, output=None, example_
         artifact.write_json(stage / artifact.MANIFEST, manifest)
     logger.info("wrote %s", output)
     return Artifact(Path(output), manifest)
+
+
+def _build(backend, graph: Graph, config: CompileConfig):
+    """(executable, tuning report or None): with ``config.tuning_db`` its records are applied."""
+    target = _make_target(backend, config)
+    if not config.tuning_db:
+        return backend.build(graph, target), None
+    from qcompile.backends.llvm.tuning import build_tuned
+
+    try:
+        return build_tuned(graph, target, config.tuning_db)
+    except FileNotFoundError as err:
+        raise InputError(str(err)) from None
+
+
+def tune(model, config: CompileConfig | None = None, *, trials: int, db=None, example_inputs=None,
+         calib_inputs: dict | None = None, progress: bool = True, **overrides) -> dict:
+    """Tune the functions of ``model`` that have no hand schedule with MetaSchedule.
+
+    Runs compile's import and passes (same ``config``), then
+    :func:`qcompile.backends.llvm.tuning.tune` with ``trials`` trials per function. ``db``: the
+    database directory (default: ``~/.cache/qcompile/tuning/<target hash>``). Returns its
+    summary; compile with ``tuning_db=<that directory>`` to use the records.
+    """
+    config = replace(config or CompileConfig(), **overrides) if overrides else (config or CompileConfig())
+    if config.target != "llvm":
+        raise InputError(f"tune supports --target llvm only (got '{config.target}')")
+    if not isinstance(trials, int) or trials < 1:
+        raise InputError(f"--trials must be a positive integer (got {trials!r})")
+    from qcompile.backends.llvm import tuning
+
+    graph, _ = import_model(model, config.shapes, example_inputs)
+    float_graph, graph = optimize(graph, config, calibration=calib_inputs)
+    backend = importlib.import_module(BACKENDS[config.target])
+    target = _make_target(backend, config)
+    if graph is not float_graph:
+        graph = _profitability(graph, float_graph, target, config.fallback)
+    return tuning.tune(graph, target, db or tuning.default_db_dir(target), trials, progress=progress)
 
 
 def _profitability(graph: Graph, float_graph: Graph, target, mode: str) -> Graph:

@@ -86,11 +86,6 @@ def ort_cells(onnx_path: Path, feeds: dict, calib: dict) -> dict[str, np.ndarray
     out["ort dynamic int8 per-channel"] = run(work / "dyn.onnx")
     quantize_static(str(onnx_path), str(work / "qdq.onnx"), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
     out["ort static QDQ int8 (all ops)"] = run(work / "qdq.onnx")
-    mask_ops = [n.name for n in onnx.load(str(onnx_path)).graph.node if n.op_type in ("Softmax", "Where", "Add")
-                and "mask" in " ".join(n.input).lower() or n.op_type == "Softmax"]
-    quantize_static(str(onnx_path), str(work / "qdq_x.onnx"), Reader(), quant_format=QuantFormat.QDQ,
-                    per_channel=True, nodes_to_exclude=mask_ops)
-    out["ort static QDQ int8 (mask/softmax excluded)"] = run(work / "qdq_x.onnx")
     for block in (32, 128):
         model = onnx.load(str(onnx_path))
         quant = MatMulNBitsQuantizer(model, block_size=block, is_symmetric=False)
