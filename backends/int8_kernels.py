@@ -93,6 +93,25 @@ def _to_u8(v):
     return (r.astype("int32") + 128).astype("uint8")
 
 
+def u8s8_matmul(m: int, k: int, n: int, vnni: bool):
+    """The int32 block ``matmul`` = u[m, k] (uint8) x w (int8; [K, N], or packed
+    [N/16, K/4, 16, 4] for VNNI) shared by every int8 GEMM kernel. Returns (u, w, acc)."""
+    _check_dims(m=m, k=k, n=n)
+    if vnni and (k % 4 or n % 16):
+        raise ValueError(f"the VNNI kernel needs K % 4 == 0 and N % 16 == 0 (K={k}, N={n})")
+    u = te.placeholder((m, k), "uint8", name="u")
+    if vnni:
+        w = te.placeholder((n // 16, k // 4, 16, 4), "int8", name="w")
+        w_at = lambda r, j: w[j // 16, r // 4, j % 16, r % 4]  # noqa: E731
+    else:
+        w = te.placeholder((k, n), "int8", name="w")
+        w_at = lambda r, j: w[r, j]  # noqa: E731
+    r = te.reduce_axis((0, k), name="r")
+    acc = te.compute((m, n), lambda i, j: te.sum(u[i, r].astype("int32") * w_at(r, j).astype("int32"), axis=r),
+                     name="matmul")
+    return u, w, acc
+
+
 def int8_linear_kernel(m: int, k: int, n: int, has_bias: bool, per_row: bool, vnni: bool,
                        target) -> tirx.PrimFunc:
     """y = float32(sum_k u*w - corr) * (xscale * wscale) (+ bias).
@@ -100,23 +119,11 @@ def int8_linear_kernel(m: int, k: int, n: int, has_bias: bool, per_row: bool, vn
     Args: u uint8[m, k], xscale f32[m, 1] (per_row) or f32[1, 1], w int8 (packed for vnni),
     wscale f32[n], corr int32[n], bias f32[n] (if has_bias), y f32[m, n].
     """
-    _check_dims(m=m, k=k, n=n)
-    if vnni and (k % 4 or n % 16):
-        raise ValueError(f"the VNNI kernel needs K % 4 == 0 and N % 16 == 0 (K={k}, N={n})")
-    u = te.placeholder((m, k), "uint8", name="u")
+    u, w, acc = u8s8_matmul(m, k, n, vnni)
     xscale = te.placeholder((m if per_row else 1, 1), "float32", name="xscale")
-    if vnni:
-        w = te.placeholder((n // 16, k // 4, 16, 4), "int8", name="w")
-        w_at = lambda r, j: w[j // 16, r // 4, j % 16, r % 4]  # noqa: E731
-    else:
-        w = te.placeholder((k, n), "int8", name="w")
-        w_at = lambda r, j: w[r, j]  # noqa: E731
     wscale = te.placeholder((n,), "float32", name="wscale")
     corr = te.placeholder((n,), "int32", name="corr")
     bias = te.placeholder((n,), "float32", name="bias") if has_bias else None
-    r = te.reduce_axis((0, k), name="r")
-    acc = te.compute((m, n), lambda i, j: te.sum(u[i, r].astype("int32") * w_at(r, j).astype("int32"), axis=r),
-                     name="matmul")
 
     def out(i, j):
         s = xscale[i if per_row else 0, 0] * wscale[j]

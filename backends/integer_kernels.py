@@ -18,7 +18,8 @@ from tvm import te, tirx
 
 from qcompile.schedules import llvm_int8 as sched
 
-from .kernels import _check_dims, _finish
+from .int8_kernels import u8s8_matmul
+from .kernels import _finish
 
 __all__ = ["int_linear_kernel", "requantize_compute"]
 
@@ -29,20 +30,8 @@ def int_linear_kernel(m: int, k: int, n: int, vnni: bool, target) -> tirx.PrimFu
     Args: u uint8[m, k], w int8 (``[n/16, k/4, 16, 4]`` when ``vnni``, else ``[k, n]``),
     bias int32[n] (already minus ``128 * sum_k w``), acc int32[m, n].
     """
-    _check_dims(m=m, k=k, n=n)
-    if vnni and (k % 4 or n % 16):
-        raise ValueError(f"the VNNI kernel needs K % 4 == 0 and N % 16 == 0 (K={k}, N={n})")
-    u = te.placeholder((m, k), "uint8", name="u")
-    if vnni:
-        w = te.placeholder((n // 16, k // 4, 16, 4), "int8", name="w")
-        w_at = lambda r, j: w[j // 16, r // 4, j % 16, r % 4]  # noqa: E731
-    else:
-        w = te.placeholder((k, n), "int8", name="w")
-        w_at = lambda r, j: w[r, j]  # noqa: E731
+    u, w, acc = u8s8_matmul(m, k, n, vnni)
     bias = te.placeholder((n,), "int32", name="bias")
-    r = te.reduce_axis((0, k), name="r")
-    acc = te.compute((m, n), lambda i, j: te.sum(u[i, r].astype("int32") * w_at(r, j).astype("int32"), axis=r),
-                     name="matmul")
     y = te.compute((m, n), lambda i, j: acc[i, j] + bias[j], name="epilogue")
     schedule = sched.schedule_vnni_gemm if vnni else sched.schedule_int_gemm
     return _finish([u, w, bias, y], target, lambda s, p: schedule(s, "matmul", "epilogue", m, n, p))

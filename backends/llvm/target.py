@@ -32,7 +32,7 @@ from tvm.s_tir import dlight
 
 from ..relax_lowering import lower_graph
 
-__all__ = ["host_target", "relax_pipeline", "build", "export_library", "CPUFallback", "RowReduction", "FastMath"]
+__all__ = ["host_target", "relax_pipeline", "front_passes", "schedule_passes", "build", "export_library", "CPUFallback", "RowReduction", "FastMath"]
 
 PARALLEL_MIN_ELEMENTS = 8192  # below this a parallel launch costs more than it saves
 
@@ -250,24 +250,32 @@ def _extent(sch, loop) -> int:
     return int(sch.get(loop).extent)
 
 
-def _schedule_passes(target):
+def front_passes(target) -> list:
+    """Steps 1-2 of the pipeline (fast math, dispatch, legalize, fuse): what schedules see."""
+    return ([FastMath] + cpu_generic.library_dispatch_passes(target) + cpu_generic.legalize_passes(target)
+            + [relax.transform.DeadCodeElimination()])
+
+
+def schedule_passes(target) -> list:
+    """Step 3: the rule-based schedules for every PrimFunc not yet marked scheduled."""
     return [
         dlight.ApplyDefaultSchedule(RowReduction(), dlight.cpu.Reduction(), dlight.cpu.GEMV(), CPUFallback()),
     ]
 
 
-def relax_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
-    """The whole Relax-to-VM pipeline of this target, as one module pass."""
+def relax_pipeline(target: tvm.target.Target, before_schedules=()) -> tvm.transform.Pass:
+    """The whole Relax-to-VM pipeline of this target, as one module pass.
+
+    ``before_schedules``: passes run between fusion and the rule-based schedules (e.g. a
+    tuning database applying its records, see :mod:`.tuning`)."""
 
     @tvm.transform.module_pass(opt_level=0, name="QCompileLLVMPipeline")
     def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         with target:
             seq = tvm.transform.Sequential(
-                [FastMath]
-                + cpu_generic.library_dispatch_passes(target)
-                + cpu_generic.legalize_passes(target)
-                + [relax.transform.DeadCodeElimination()]
-                + _schedule_passes(target)
+                front_passes(target)
+                + list(before_schedules)
+                + schedule_passes(target)
                 + cpu_generic.dataflow_lower_passes(target)
                 + cpu_generic.finalize_passes(target)
             )

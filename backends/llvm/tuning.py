@@ -30,11 +30,10 @@ from pathlib import Path
 import tvm
 from tvm import relax, tirx
 from tvm.ir.utils import derived_object
-from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 from tvm.s_tir import meta_schedule as ms
 
 from ..relax_lowering import lower_graph
-from .target import FastMath, _schedule_passes
+from .target import front_passes, relax_pipeline
 
 __all__ = ["default_db_dir", "prepare_module", "tunable_tasks", "tune", "open_database",
            "tuned_pipeline", "build_tuned"]
@@ -59,17 +58,11 @@ def _target_json(target: tvm.target.Target):
         return str(target)
 
 
-def _front_passes(target: tvm.target.Target) -> list:
-    # must stay equal to steps "FastMath .. DeadCodeElimination" of target.relax_pipeline
-    return ([FastMath] + cpu_generic.library_dispatch_passes(target)
-            + cpu_generic.legalize_passes(target) + [relax.transform.DeadCodeElimination()])
-
-
 def prepare_module(graph, target: tvm.target.Target) -> tvm.IRModule:
     """Lower ``graph`` and run the pipeline up to scheduling: the module the tasks come from."""
     mod = lower_graph(graph, target)
     with target:
-        return tvm.transform.Sequential(_front_passes(target))(mod)
+        return tvm.transform.Sequential(front_passes(target))(mod)
 
 
 def _is_scheduled(func) -> bool:
@@ -177,22 +170,9 @@ def _apply_database(database, applied: list[str]):
 
 
 def tuned_pipeline(target: tvm.target.Target, database, applied: list[str]) -> tvm.transform.Pass:
-    """:func:`qcompile.backends.llvm.target.relax_pipeline` with the database applied before
-    the rule-based scheduling; names of the functions scheduled from records go to ``applied``."""
-
-    @tvm.transform.module_pass(opt_level=0, name="QCompileLLVMTunedPipeline")
-    def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        with target:
-            seq = tvm.transform.Sequential(
-                _front_passes(target)
-                + [_apply_database(database, applied)]
-                + _schedule_passes(target)
-                + cpu_generic.dataflow_lower_passes(target)
-                + cpu_generic.finalize_passes(target)
-            )
-            return seq(mod)
-
-    return _pipeline
+    """The host pipeline with the database applied before the rule-based scheduling; names
+    of the functions scheduled from records go to ``applied``."""
+    return relax_pipeline(target, before_schedules=[_apply_database(database, applied)])
 
 
 def build_tuned(graph, target: tvm.target.Target, db_dir) -> tuple:
