@@ -75,11 +75,16 @@ def _static_scale(ctx, name: str):
     return None
 
 
+def constant_input(ctx, node, index: int, what: str = "qweight") -> np.ndarray:
+    """The constant array feeding ``node.inputs[index]``; UnsupportedOpError if it is computed."""
+    name = node.inputs[index]
+    if not ctx.graph.is_constant(name):
+        raise UnsupportedOpError(node.op, node.name, f"{what} must be a constant")
+    return ctx.graph.constants[name]
+
+
 def _int8_linear(ctx, node):
-    wname = node.inputs[2]
-    if not ctx.graph.is_constant(wname):
-        raise UnsupportedOpError(node.op, node.name, "qweight must be a constant")
-    w = ctx.graph.constants[wname]
+    w = constant_input(ctx, node, 2)
     k, n = w.shape
     u, lead = _rows(ctx, ctx.get(node.inputs[0]))
     m = _shape(u)[0]

@@ -22,6 +22,7 @@ from tvm import relax
 from qcompile.errors import UnsupportedOpError
 
 from . import int8_kernels, integer_kernels
+from .int8_lowering import constant_input
 
 __all__ = ["INTEGER_LOWERINGS", "BOUNDARY_KERNELS", "float_primfuncs"]
 
@@ -37,10 +38,7 @@ def _shape(x) -> tuple[int, ...]:
 
 
 def _int_linear(ctx, node):
-    wname = node.inputs[1]
-    if not ctx.graph.is_constant(wname):
-        raise UnsupportedOpError(node.op, node.name, "qweight must be a constant")
-    w = ctx.graph.constants[wname]
+    w = constant_input(ctx, node, 1)
     k, n = w.shape
     x = ctx.get(node.inputs[0])
     shape = _shape(x)
@@ -66,8 +64,7 @@ def _int_conv(ctx, node):
     x = ctx.get(node.inputs[0])
     if len(_shape(x)) != 4:
         raise UnsupportedOpError(node.op, node.name, "only 2-D (NCHW) convolution is lowered")
-    if not ctx.graph.is_constant(node.inputs[1]):
-        raise UnsupportedOpError(node.op, node.name, "the weight must be a constant")
+    constant_input(ctx, node, 1, "the weight")
     at = node.attrs
     q = ctx.emit(R.astype(ctx.emit(R.subtract(ctx.emit(R.astype(x, "int32")), relax.const(128, "int32"))), "int8"))
     y = ctx.emit(R.nn.conv2d(q, ctx.get(node.inputs[1]), strides=tuple(at.get("strides") or (1, 1)),
