@@ -85,6 +85,26 @@ def layer_report(float_graph: Graph, quant_graph: Graph, feeds: dict) -> list[di
 
 
 # ---------------------------------------------------------------------------- compile
+def _resolve_config(config: CompileConfig | None, overrides: dict) -> CompileConfig:
+    config = config or CompileConfig()
+    return replace(config, **overrides) if overrides else config
+
+
+def _prepare(model, config: CompileConfig, example_inputs, calibration, timings: dict):
+    """Import, passes and the profitability check shared by compile and tune.
+
+    Returns (float_graph, graph_to_build, source sha256, backend module, target)."""
+    with _phase("import", timings):
+        graph, model_sha = import_model(model, config.shapes, example_inputs)
+    with _phase("passes", timings):
+        float_graph, graph = optimize(graph, config, calibration=calibration)
+    backend = importlib.import_module(BACKENDS[config.target])
+    target = _make_target(backend, config)
+    if graph is not float_graph:
+        graph = _profitability(graph, float_graph, target, config.fallback)
+    return float_graph, graph, model_sha, backend, target
+
+
 def compile(model, config: CompileConfig | None = None, *, output=None, example_inputs=None,
             eval_inputs: dict | None = None, calib_inputs: dict | None = None, **overrides) -> "Artifact":
     """Compile ``model`` for ``config.target`` and write the artifact to ``output``.
@@ -96,20 +116,15 @@ def compile(model, config: CompileConfig | None = None, *, output=None, example_
     ``calib_inputs``: calibration arrays for GPTQ / mixed precision / reorder (default:
     ``config.calib``, else ``eval_inputs``); the leading axis may hold several samples.
     """
-    config = replace(config or CompileConfig(), **overrides) if overrides else (config or CompileConfig())
+    config = _resolve_config(config, overrides)
     if output is None:
         raise InputError("compile needs output=DIRECTORY for the artifact")
     timings: dict[str, float] = {}
-    with _phase("import", timings):
-        graph, model_sha = import_model(model, config.shapes, example_inputs)
-    with _phase("passes", timings):
-        float_graph, graph = optimize(graph, config, calibration=calib_inputs if calib_inputs is not None else eval_inputs)
-    backend = importlib.import_module(BACKENDS[config.target])
-    if graph is not float_graph:
-        graph = _profitability(graph, float_graph, _make_target(backend, config), config.fallback)
+    calibration = calib_inputs if calib_inputs is not None else eval_inputs
+    float_graph, graph, model_sha, backend, target = _prepare(model, config, example_inputs, calibration, timings)
     with artifact.staging_dir(Path(output)) as stage:
         with _phase("build", timings):
-            executable, tuning = _build(backend, graph, config)
+            executable, tuning = _build(backend, graph, target, config.tuning_db)
             payload, device = _export(backend, config, executable, stage)
         report = {"timings_s": timings, **({"tuning": tuning} if tuning else {})}
         accuracy = {}
@@ -138,15 +153,14 @@ def compile(model, config: CompileConfig | None = None, *, output=None, example_
     return Artifact(Path(output), manifest)
 
 
-def _build(backend, graph: Graph, config: CompileConfig):
-    """(executable, tuning report or None): with ``config.tuning_db`` its records are applied."""
-    target = _make_target(backend, config)
-    if not config.tuning_db:
+def _build(backend, graph: Graph, target, tuning_db: str | None):
+    """(executable, tuning report or None): with ``tuning_db`` its records are applied."""
+    if not tuning_db:
         return backend.build(graph, target), None
     from qcompile.backends.llvm.tuning import build_tuned
 
     try:
-        return build_tuned(graph, target, config.tuning_db)
+        return build_tuned(graph, target, tuning_db)
     except FileNotFoundError as err:
         raise InputError(str(err)) from None
 
@@ -160,19 +174,14 @@ def tune(model, config: CompileConfig | None = None, *, trials: int, db=None, ex
     database directory (default: ``~/.cache/qcompile/tuning/<target hash>``). Returns its
     summary; compile with ``tuning_db=<that directory>`` to use the records.
     """
-    config = replace(config or CompileConfig(), **overrides) if overrides else (config or CompileConfig())
+    config = _resolve_config(config, overrides)
     if config.target != "llvm":
         raise InputError(f"tune supports --target llvm only (got '{config.target}')")
     if not isinstance(trials, int) or trials < 1:
         raise InputError(f"--trials must be a positive integer (got {trials!r})")
     from qcompile.backends.llvm import tuning
 
-    graph, _ = import_model(model, config.shapes, example_inputs)
-    float_graph, graph = optimize(graph, config, calibration=calib_inputs)
-    backend = importlib.import_module(BACKENDS[config.target])
-    target = _make_target(backend, config)
-    if graph is not float_graph:
-        graph = _profitability(graph, float_graph, target, config.fallback)
+    _, graph, _, _, target = _prepare(model, config, example_inputs, calib_inputs, {})
     return tuning.tune(graph, target, db or tuning.default_db_dir(target), trials, progress=progress)
 
 
