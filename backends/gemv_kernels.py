@@ -26,7 +26,13 @@ Variants:
   codes inside one weight group, the scheme of onnxruntime MatMulNBits accuracy_level 4),
   then unsigned codes x signed int8 activations through ``vpdpbusd`` (AVX-512 VNNI) into
   int32, rescaled once per block. 2/4/8 bits. Not bit-exact: the activation rounding
-  error is that of int8 per-block quantization (~0.4% relative per block).
+  error is that of int8 per-block quantization (~0.4% relative per block). The widest
+  vector is used even when it spans several groups (2-bit g128, 4-bit g32 in a zmm): each
+  group then owns a slice of the int32 lanes and the rescale multiplies by a per-lane scale
+  vector. Even and odd rescale steps go to two accumulators (no serial FMA chain); columns
+  are walked one at a time so each thread reads one sequential byte stream (interleaving
+  several rows was 2x slower once the weights came from DRAM). The activation prologue is
+  vectorized and produces the codes directly in the dot-product order.
 
 Invariants: f32 output; no fp32 weight is ever materialized; every packed byte is read once
 per call; the zero-point and bias terms are applied once per output.
@@ -43,6 +49,8 @@ __all__ = ["GEMV_MAX_M", "gemv_variant", "use_fp32_gemv", "qgemv_kernel", "gemv_
 
 GEMV_MAX_M = 4  # rows up to which qlinear/linear use these kernels
 ROWS_PER_BLOCK = 32  # output columns per parallel task
+_INT8_COLS = 1  # output columns per step of the int8 variant (more interleave the row streams:
+# 2x slower once the weights come from DRAM, measured on the 2-core Zen 4 host)
 _INTRIN = {16: "llvm.x86.avx512.vpdpbusd.128", 32: "llvm.x86.avx512.vpdpbusd.256",
            64: "llvm.x86.avx512.vpdpbusd.512"}
 
@@ -83,19 +91,22 @@ def _float_lanes(k: int, group: int, bits: int, lanes: int) -> int:
 def _int8_plan(k: int, group: int, bits: int) -> tuple[int, int] | None:
     """(vector bytes, activation block) for the int8 variant, or None if the shape does not fit.
 
-    The vector (16/32/64 bytes: xmm/ymm/zmm) holds whole chunks of codes inside one weight
-    group; the activation block is the weight group, or for one group per column the largest
-    of 256/128/chunk codes dividing k.
+    The vector (64/32/16 bytes: zmm/ymm/xmm, widest first) holds whole chunks of codes inside
+    one weight group, or whole groups (then each group owns a slice of the int32 lanes: the
+    rescale uses a per-lane scale vector); the activation block is the weight group, or for
+    one group per column the largest of 256/128/chunk codes dividing k.
     """
     if bits not in (2, 4, 8):
         return None
     cpb = 8 // bits
     for vb in (64, 32, 16):
         chunk = vb * cpb
-        if group % chunk == 0 and k % chunk == 0:
-            if group != k:
-                return vb, group
+        if k % chunk:
+            continue
+        if group == k:
             return vb, next(b for b in (256, 128, chunk) if b % chunk == 0 and k % b == 0)
+        if group % chunk == 0 or (chunk % group == 0 and (vb // 4) % (chunk // group) == 0):
+            return vb, group
     return None
 
 
@@ -198,15 +209,13 @@ class _QArgs:
     def zero_lanes(self) -> int:
         return next(l for l in (16, 8, 4, 2, 1) if self.groups % l == 0)
 
-    def finish_row(self, j, i, acc, lanes, zt, aw):
-        """y[i, j] = sum(acc row i) - sum_g s[j, g] * z[j, g] * aw[i, g] (+ bias[j]).
+    def finish_row(self, j, i, acc, lanes, zt, aw, slot=None):
+        """y[i, j] = sum(acc row ``slot``, default i) - sum_g s[j, g] * z[j, g] * aw[i, g] (+ bias[j]).
 
         ``aw[i * G + g]``: the activation weight of group g (sum of x over the group, or of
         the dequantized int8 activations); ``zt`` is a local of :meth:`zero_lanes` floats.
         """
-        total = acc[i * lanes]
-        for lane in range(1, lanes):
-            total = total + acc[i * lanes + lane]
+        row = i if slot is None else slot
         zl, groups = self.zero_lanes(), self.groups
         _store(zt, _bcast(tirx.const(0.0, "float32"), zl), 0, zl)
         with T.serial(0, groups // zl) as t:
@@ -217,9 +226,11 @@ class _QArgs:
                 zero = _load_row(self.z, j, g0, zl, 1)
             term = _load_row(self.s, j, g0, zl, 1) * zero * _load(aw, i * groups + g0, zl)
             _store(zt, _load(zt, 0, zl) + term, 0, zl)
-        for lane in range(zl):
-            total = total - zt[lane]
-        self.finish(j, i, total)
+        if lanes % zl == 0:  # fold the zero-point term into the lanes, then one reduction
+            _store(acc, _load(acc, row * lanes, zl) - _load(zt, 0, zl), row * lanes, zl)
+            self.finish(j, i, _lane_sum(acc, row * lanes, lanes))
+        else:
+            self.finish(j, i, _lane_sum(acc, row * lanes, lanes) - _lane_sum(zt, 0, zl))
 
     def finish(self, j, i, value):
         """y[i, j] = value (+ bias[j])."""
@@ -308,23 +319,46 @@ class _FloatGemv(_QArgs):
         return out
 
 
-def _parallel_rows(n: int, alloc, body) -> None:
+def _parallel_rows(n: int, alloc, body, step: int = 1) -> None:
     """Parallel loop over blocks of ``ROWS_PER_BLOCK`` rows, serial inside a block.
 
     ``alloc()`` declares the per-thread locals once per block (TVM turns allocations inside
-    a parallel body into workspace calls, too slow once per row); ``body(j, locals)``.
+    a parallel body into workspace calls, too slow once per row); ``body(j, locals)`` handles
+    rows ``j .. j + step - 1`` (``step`` divides ``ROWS_PER_BLOCK`` and ``n``).
     """
     per = min(ROWS_PER_BLOCK, n)
+    if per % step or n % step:
+        raise ValueError(f"row step {step} must divide {per} and n={n}")
     with T.parallel(0, -(-n // per)) as jo:
         bufs = alloc()
-        with T.serial(0, per) as jj:
-            j = jo * per + jj
+        with T.serial(0, per // step) as jj:
+            j = jo * per + jj * step
             if n % per == 0:
                 body(j, bufs)
             else:
                 with T.If(j < n):
                     with T.Then():
                         body(j, bufs)
+
+
+def _lane_reduce(buf, start: int, lanes: int, op):
+    """``op``-reduction of ``buf[start : start + lanes]`` by halving (log2 vector ops;
+    overwrites the lanes) rather than a serial chain of scalar ops."""
+    while lanes > 1 and lanes % 2 == 0:
+        lanes //= 2
+        _store(buf, op(_load(buf, start, lanes), _load(buf, start + lanes, lanes)), start, lanes)
+    total = buf[start]
+    for lane in range(1, lanes):
+        total = op(total, buf[start + lane])
+    return total
+
+
+def _lane_sum(buf, start: int, lanes: int):
+    return _lane_reduce(buf, start, lanes, _add)
+
+
+def _add(a, b):
+    return a + b
 
 
 def _load_row(buf, row, start, lanes: int, stride: int):
@@ -341,8 +375,10 @@ class _Int8Gemv(_QArgs):
         self.chunk = vb * self.cpb
         self.nchunks = k // self.chunk
         self.nblocks = k // block
-        self.chunks_per_block = block // self.chunk
+        self.chunks_per_block = max(1, block // self.chunk)
+        self.parts = max(1, self.chunk // block)  # activation blocks (= weight groups) per chunk
         self.lanes = vb // 4
+        self.cols = next(c for c in range(max(1, _INT8_COLS // m), 0, -1) if n % c == 0 and ROWS_PER_BLOCK % c == 0)
 
     def emit(self):
         self.declare()
@@ -352,70 +388,114 @@ class _Int8Gemv(_QArgs):
         xqs = T.decl_buffer((m * nb,), "float32")
         aw = T.decl_buffer((m * self.groups,), "float32")
         self._prologue(xq, xs, xqs, aw)
-        L, vb, bits = self.lanes, self.vb, self.bits
+        L, vb = self.lanes, self.vb
+        cb = self.cols  # output columns per step (x loads shared, independent chains)
+        nsteps = self.nchunks // self.chunks_per_block  # one step: one rescale per lane
+        U = 2 if nsteps % 2 == 0 else 1  # independent accumulators over even/odd steps
+        slots = m * cb
+
         def alloc():
-            return (T.decl_buffer((m * L,), "float32", scope="local"),
-                    T.decl_buffer((m * L,), "int32", scope="local"),
+            return (T.decl_buffer((U * slots * L,), "float32", scope="local"),
+                    T.decl_buffer((U * slots * L,), "int32", scope="local"),
                     T.decl_buffer((self.zero_lanes(),), "float32", scope="local"))
 
-        def body(j, bufs):
+        def body(j0, bufs):
             facc, iacc, zt = bufs
-            for i in range(m):
-                _store(facc, _bcast(tirx.const(0.0, "float32"), L), i * L, L)
-            with T.serial(0, nb) as b:
+            for a in range(U * slots):
+                _store(facc, _bcast(tirx.const(0.0, "float32"), L), a * L, L)
+            with T.serial(0, nsteps // U) as s2:
+                for u in range(U):
+                    self._step(j0, s2 * U + u, u * slots, facc, iacc, xq, xs)
+            for a in range(slots if U == 2 else 0):  # merge the odd-step accumulators
+                _store(facc, _load(facc, a * L, L) + _load(facc, (slots + a) * L, L), a * L, L)
+            for col in range(cb):
                 for i in range(m):
-                    _store(iacc, _bcast(tirx.const(0, "int32"), L), i * L, L)
-                with T.serial(0, self.chunks_per_block) as t:
-                    c = b * self.chunks_per_block + t
-                    raw = _load_row(self.q, j, c * vb, vb, 1)
-                    for e in range(self.cpb):
-                        code = raw
-                        if e:
-                            code = code >> _bcast(tirx.const(bits * e, "uint8"), vb)
-                        if bits != 8:
-                            code = code & _bcast(tirx.const((1 << bits) - 1, "uint8"), vb)
-                        code = tirx.call_intrin(f"int8x{vb}", "tirx.reinterpret", code)
-                        for i in range(m):
-                            xv = xq.vload([((i * self.nchunks + c) * self.cpb + e) * vb], f"int8x{vb}")
-                            dot = tirx.call_llvm_pure_intrin(
-                                f"int32x{L}", _INTRIN[vb], _load(iacc, i * L, L), code, xv)
-                            _store(iacc, dot, i * L, L)
-                g = b * self.block // self.group
-                for i in range(m):
-                    scale = _bcast(self.s[j, g] * xs[i * nb + b], L)
-                    conv = tirx.Cast(f"float32x{L}", _load(iacc, i * L, L))
-                    _store(facc, _load(facc, i * L, L) + conv * scale, i * L, L)
+                    self.finish_row(j0 + col, i, facc, L, zt, aw, slot=i * cb + col)
 
-            for i in range(m):
-                self.finish_row(j, i, facc, L, zt, aw)
+        _parallel_rows(self.n, alloc, body, step=cb)
 
-        _parallel_rows(self.n, alloc, body)
+    def _step(self, j0, b, base, facc, iacc, xq, xs):
+        """Step ``b`` (the chunks of one activation block, or one chunk of ``parts`` blocks)
+        of columns j0 .. j0 + cols - 1 into accumulator slots ``base + i * cols + col``."""
+        m, L, vb, cb = self.m, self.lanes, self.vb, self.cols
+        slots = [(i, col, (base + i * cb + col) * L) for col in range(cb) for i in range(m)]
+        for _, _, a in slots:
+            _store(iacc, _bcast(tirx.const(0, "int32"), L), a, L)
+        with T.serial(0, self.chunks_per_block) as t:
+            c = b * self.chunks_per_block + t
+            raws = [_load_row(self.q, j0 + col, c * vb, vb, 1) for col in range(cb)]
+            for e in range(self.cpb):
+                xvs = [xq.vload([((i * self.nchunks + c) * self.cpb + e) * vb], f"int8x{vb}") for i in range(m)]
+                codes = [self._codes(raw, e) for raw in raws]
+                for i, col, a in slots:
+                    dot = tirx.call_llvm_pure_intrin(f"int32x{L}", _INTRIN[vb], _load(iacc, a, L), codes[col], xvs[i])
+                    _store(iacc, dot, a, L)
+        for i, col, a in slots:
+            conv = tirx.Cast(f"float32x{L}", _load(iacc, a, L))
+            _store(facc, _load(facc, a, L) + conv * self._step_scale(j0 + col, i, b, xs), a, L)
+
+    def _step_scale(self, j, i, step, xs):
+        """Lane scales of one step: weight scale x activation scale of the block each lane sums."""
+        L, nb = self.lanes, self.nblocks
+        if self.parts == 1:
+            b = step
+            return _bcast(self.s[j, b * self.block // self.group] * xs[i * nb + b], L)
+        per = L // self.parts
+        lane = tirx.Ramp(tirx.const(0, "int32"), 1, L)
+        out = None
+        for p in reversed(range(self.parts)):
+            b = step * self.parts + p  # block == group here
+            val = _bcast(self.s[j, b] * xs[i * nb + b], L)
+            out = val if out is None else tirx.Select(lane < _bcast(tirx.const((p + 1) * per, "int32"), L), val, out)
+        return out
+
+    def _codes(self, raw, e):
+        """int8 vector of the e-th code of every byte of ``raw`` (unsigned, < 2**bits)."""
+        vb, bits = self.vb, self.bits
+        code = raw
+        if e:  # a 16-bit shift (vpsrlw) then the byte mask: x86 has no byte shift (LLVM would
+            # emit vgf2p8affineqb, which competes with vpdpbusd for the same pipes on Zen 4)
+            wide = tirx.call_intrin(f"uint16x{vb // 2}", "tirx.reinterpret", code)
+            wide = wide >> _bcast(tirx.const(bits * e, "uint16"), vb // 2)
+            code = tirx.call_intrin(f"uint8x{vb}", "tirx.reinterpret", wide)
+        if bits != 8:
+            code = code & _bcast(tirx.const((1 << bits) - 1, "uint8"), vb)
+        return tirx.call_intrin(f"int8x{vb}", "tirx.reinterpret", code)
 
     def _prologue(self, xq, xs, xqs, aw):
         """Per row and block: scale = absmax / 127, codes round(x / scale), their sum; per
-        group: aw = sum over its blocks of scale * sum of codes (the zero-point weight)."""
-        m, nb, blk = self.m, self.nblocks, self.block
+        group: aw = sum over its blocks of scale * sum of codes (the zero-point weight).
+
+        Vectorized: the codes are produced in ``xq`` order, V bytes p of one code index e at
+        a time (a stride-``cpb`` load of x); max and integer sums are order-independent."""
+        m, nb, blk, cpb = self.m, self.nblocks, self.block, self.cpb
+        V = next(v for v in (16, 8, 4, 2, 1) if (blk // cpb) % v == 0)
         with T.serial(0, m * self.groups) as t:
             T.buffer_store(aw, tirx.const(0.0, "float32"), [t])
+        vmax = T.decl_buffer((V,), "float32", scope="local")
+        vsum = T.decl_buffer((V,), "float32", scope="local")
+        zero = _bcast(tirx.const(0.0, "float32"), V)
         with T.serial(0, m) as i:
             with T.serial(0, nb) as b:
-                amax = T.decl_buffer((1,), "float32", scope="local")
-                T.buffer_store(amax, tirx.const(0.0, "float32"), [0])
-                with T.serial(0, blk) as r:
-                    T.buffer_store(amax, tirx.max(amax[0], tirx.abs(self.x[i, b * blk + r])), [0])
-                scale = amax[0] * tirx.const(1.0 / 127.0, "float32")
-                inv = tirx.Select(amax[0] > tirx.const(0.0, "float32"),
-                                  tirx.const(127.0, "float32") / amax[0], tirx.const(0.0, "float32"))
+                _store(vmax, zero, 0, V)
+                with T.serial(0, blk // V) as r:
+                    xv = _load_row(self.x, i, b * blk + r * V, V, 1)
+                    _store(vmax, tirx.max(_load(vmax, 0, V), tirx.abs(xv)), 0, V)
+                amax = _lane_reduce(vmax, 0, V, tirx.max)
+                scale = amax * tirx.const(1.0 / 127.0, "float32")
+                inv = tirx.Select(amax > tirx.const(0.0, "float32"),
+                                  tirx.const(127.0, "float32") / amax, tirx.const(0.0, "float32"))
                 T.buffer_store(xs, scale, [i * nb + b])
-                T.buffer_store(xqs, tirx.const(0.0, "float32"), [i * nb + b])
-                with T.serial(0, blk) as r:
-                    kk = b * blk + r
-                    qv = tirx.round(self.x[i, kk] * inv)
-                    c, rem = kk // self.chunk, kk % self.chunk
-                    p, e = rem // self.cpb, rem % self.cpb
-                    T.buffer_store(xq, tirx.Cast("int8", qv),
-                                   [((i * self.nchunks + c) * self.cpb + e) * self.vb + p])
-                    T.buffer_store(xqs, xqs[i * nb + b] + qv, [i * nb + b])
+                _store(vsum, zero, 0, V)
+                with T.serial(0, blk // cpb // V) as pv:
+                    kk0 = b * blk + pv * V * cpb  # a multiple of V * cpb: one chunk, V bytes
+                    c, p = kk0 // self.chunk, (kk0 % self.chunk) // cpb
+                    for e in range(cpb):
+                        qv = tirx.round(_load_row(self.x, i, kk0 + e, V, cpb) * _bcast(inv, V))
+                        _store(xq, tirx.Cast(_vec("int8", V), qv),
+                               ((i * self.nchunks + c) * cpb + e) * self.vb + p, V)
+                        _store(vsum, _load(vsum, 0, V) + qv, 0, V)
+                T.buffer_store(xqs, _lane_reduce(vsum, 0, V, _add), [i * nb + b])
                 g = i * self.groups + b * blk // self.group
                 T.buffer_store(aw, aw[g] + xs[i * nb + b] * xqs[i * nb + b], [g])
 

@@ -23,10 +23,11 @@ from tvm import te, tirx
 
 from qcompile.schedules import llvm_int8 as sched
 
+from . import int8_gemm  # module import: int8_gemm imports this module too
 from .kernels import _check_dims, _finish
 
 __all__ = ["quantize_rows_kernel", "quantize_static_kernel", "int8_linear_kernel", "pack_vnni",
-           "vnni_supported", "AMAX_FLOOR"]
+           "vnni_supported", "round_half_even", "AMAX_FLOOR"]
 
 AMAX_FLOOR = 1e-8  # rows whose absmax is below this use it instead (no division by zero)
 
@@ -65,7 +66,7 @@ def quantize_rows_kernel(m: int, k: int, target) -> tirx.PrimFunc:
     inv = te.compute((m,), lambda i: tirx.const(127.0, "float32") / te.max(amax[i], floor), name="inv")
     scale = te.compute((m, 1), lambda i, _: te.max(amax[i], floor) / tirx.const(127.0, "float32"),
                        name="scale")
-    u = te.compute((m, k), lambda i, j: _to_u8(x[i, j] * inv[i]), name="quant")
+    u = te.compute((m, k), lambda i, j: _to_u8(x[i, j] * inv[i], target), name="quant")
     return _finish([x, u, scale], target, lambda s, p: sched.schedule_quantize_rows(s, m, k, lanes, p))
 
 
@@ -77,7 +78,7 @@ def quantize_static_kernel(m: int, k: int, scale: float, target) -> tirx.PrimFun
     _check_dims(m=m, k=k)
     x = te.placeholder((m, k), "float32", name="x")
     inv = tirx.const(float(_f32_inverse(scale)), "float32")
-    u = te.compute((m, k), lambda i, j: _to_u8(x[i, j] * inv), name="quant")
+    u = te.compute((m, k), lambda i, j: _to_u8(x[i, j] * inv, target), name="quant")
     return _finish([x, u], target, lambda s, p: sched.schedule_elementwise(s, "quant", m, k, p))
 
 
@@ -87,8 +88,18 @@ def _f32_inverse(scale: float):
     return np.float32(1.0) / np.float32(scale)
 
 
-def _to_u8(v):
-    r = tirx.nearbyint(v)  # round half to even (the default rounding mode)
+def round_half_even(v, target):
+    """Round to nearest, ties to even. On llvm targets ``llvm.roundeven``, which TVM's
+    vectorizer keeps as one vector instruction (``tirx.nearbyint`` is scalarized, and LLVM then
+    re-vectorizes the wrong loop with gathers); elsewhere ``nearbyint`` (default FP environment)."""
+    target = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
+    if target.kind.name == "llvm":
+        return tirx.call_llvm_pure_intrin("float32", "llvm.roundeven", v)
+    return tirx.nearbyint(v)
+
+
+def _to_u8(v, target):
+    r = round_half_even(v, target)
     r = te.max(te.min(r, tirx.const(127.0, "float32")), tirx.const(-127.0, "float32"))
     return (r.astype("int32") + 128).astype("uint8")
 
@@ -112,14 +123,16 @@ def u8s8_matmul(m: int, k: int, n: int, vnni: bool):
     return u, w, acc
 
 
-def int8_linear_kernel(m: int, k: int, n: int, has_bias: bool, per_row: bool, vnni: bool,
+def int8_linear_kernel(m: int, k: int, n: int, has_bias: bool, per_row: bool, gemm,
                        target) -> tirx.PrimFunc:
     """y = float32(sum_k u*w - corr) * (xscale * wscale) (+ bias).
 
-    Args: u uint8[m, k], xscale f32[m, 1] (per_row) or f32[1, 1], w int8 (packed for vnni),
-    wscale f32[n], corr int32[n], bias f32[n] (if has_bias), y f32[m, n].
+    Args: u uint8[m, k], xscale f32[m, 1] (per_row) or f32[1, 1], w int8 (packed for ``gemm``),
+    wscale f32[n], corr int32[n], bias f32[n] (if has_bias), y f32[m, n]. ``gemm``: a
+    :mod:`qcompile.backends.int8_gemm` kind (True / False: "vnni" / "portable"), which also
+    fixes ``corr`` (``int8_gemm.zero_point_correction``).
     """
-    u, w, acc = u8s8_matmul(m, k, n, vnni)
+    u, w, acc = int8_gemm.matmul(m, k, n, gemm)
     xscale = te.placeholder((m if per_row else 1, 1), "float32", name="xscale")
     wscale = te.placeholder((n,), "float32", name="wscale")
     corr = te.placeholder((n,), "int32", name="corr")
@@ -132,6 +145,5 @@ def int8_linear_kernel(m: int, k: int, n: int, has_bias: bool, per_row: bool, vn
 
     y = te.compute((m, n), out, name="epilogue")
     args = [u, xscale, w, wscale, corr] + ([bias] if has_bias else []) + [y]
-    if vnni:
-        return _finish(args, target, lambda s, p: sched.schedule_vnni_gemm(s, "matmul", "epilogue", m, n, p))
-    return _finish(args, target, lambda s, p: sched.schedule_int_gemm(s, "matmul", "epilogue", m, n, p))
+    schedule = int8_gemm.schedule(gemm)
+    return _finish(args, target, lambda s, p: schedule(s, "matmul", "epilogue", m, n, p))

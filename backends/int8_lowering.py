@@ -2,10 +2,11 @@
 
 1. ``QuantizeAct`` dynamic -> one scheduled kernel (per-row absmax + codes, two outputs);
    static -> one elementwise kernel, the scale output a constant.
-2. ``Int8Linear`` -> one scheduled GEMM kernel: on x86 with AVX-512 VNNI (and K % 4 == 0,
-   N % 16 == 0) the weight constant is packed here, at compile time, to [N/16, K/4, 16, 4]
-   for ``vpdpbusd``; otherwise the portable int32 GEMM takes it as [K, N]. The correction
-   ``128 * sum_k w[k, n]`` (activation zero point) is an int32 constant. When ``xscale``
+2. ``Int8Linear`` -> one scheduled GEMM kernel of the kind :func:`.int8_gemm.select` picks
+   for the target (VNNI ``vpdpbusd`` on x86, ``smmla`` / ``sdot`` on aarch64, else the portable
+   int32 GEMM); the weight constant is packed here, at compile time, for that kind. The
+   activation zero-point correction (``128 * sum_k w[k, n]`` for the uint8 kinds, 0 for the
+   sign-flipping arm kinds) is an int32 constant. When ``xscale``
    comes from a static ``QuantizeAct``, the kernel takes that scale as a [1, 1] constant.
 
 Kernels are cached per (builder, params) in the lowering context like the float kernels, and
@@ -22,7 +23,7 @@ from tvm import relax
 
 from qcompile.errors import UnsupportedOpError
 
-from . import int8_kernels
+from . import int8_gemm, int8_kernels
 
 __all__ = ["INT8_LOWERINGS"]
 
@@ -93,14 +94,14 @@ def _int8_linear(ctx, node):
         xscale = relax.const(np.full((1, 1), np.float32(static), np.float32))
     else:
         xscale = ctx.emit(R.reshape(ctx.get(node.inputs[1]), (m, 1)))
-    vnni = int8_kernels.vnni_supported(ctx.target) and k % 4 == 0 and n % 16 == 0
-    wconst = relax.const(int8_kernels.pack_vnni(w) if vnni else np.ascontiguousarray(w))
-    corr = relax.const((128 * w.astype(np.int64).sum(axis=0)).astype(np.int32))
+    gemm = int8_gemm.select(ctx.target, m, k, n)
+    wconst = relax.const(int8_gemm.pack(gemm, w))
+    corr = relax.const(int8_gemm.zero_point_correction(gemm, w).astype(np.int32))
     has_bias = len(node.inputs) > 4 and bool(node.inputs[4])
     args = [u, xscale, wconst, ctx.get(node.inputs[3]), corr]
     if has_bias:
         args.append(ctx.get(node.inputs[4]))
-    params = (m, k, n, has_bias, static is None, vnni)
+    params = (m, k, n, has_bias, static is None, gemm)
     y = _call(ctx, "int8_linear_kernel", params, args, relax.TensorType((m, n), "float32"))
     return y if len(lead) == 1 else ctx.emit(R.reshape(y, (*lead, n)))
 

@@ -4,10 +4,10 @@ Semantics are those of :mod:`qcompile.ops` (``IntLinear``, ``Requantize``) and o
 kernels in :mod:`qcompile.interpreter_integer`; the compiled kernels agree with them bit for bit.
 No float appears anywhere in these kernels.
 
-* :func:`int_linear_kernel` reuses the W8A8 GEMM (:mod:`qcompile.backends.int8_kernels`: uint8
-  codes with zero point 128, VNNI packing, schedules of :mod:`qcompile.schedules.llvm_int8`); its
-  epilogue adds one int32 vector ``bias'[n] = bias[n] - 128 * sum_k w[k, n]`` (folded at compile
-  time) and stores int32.
+* :func:`int_linear_kernel` reuses the W8A8 GEMM (uint8 codes with zero point 128; the GEMM
+  kind -- VNNI, sdot, smmla or portable -- and its packing come from
+  :mod:`qcompile.backends.int8_gemm`); its epilogue adds one int32 vector ``bias'[n] = bias[n] -
+  zero_point_correction[n]`` (folded at compile time) and stores int32.
 * :func:`requantize_compute` is the TE body of ``Requantize``: ``tirx.q_multiply_shift_per_axis``
   with q = 31 (int64 product, rounding shift), as ``topi.fixed_point_multiply_per_axis`` emits it.
 """
@@ -16,24 +16,23 @@ from __future__ import annotations
 
 from tvm import te, tirx
 
-from qcompile.schedules import llvm_int8 as sched
-
-from .int8_kernels import u8s8_matmul
+from . import int8_gemm
 from .kernels import _finish
 
 __all__ = ["int_linear_kernel", "requantize_compute"]
 
 
-def int_linear_kernel(m: int, k: int, n: int, vnni: bool, target) -> tirx.PrimFunc:
+def int_linear_kernel(m: int, k: int, n: int, gemm, target) -> tirx.PrimFunc:
     """acc[m, n] = sum_k u[m, k] * w[k, n] + bias[n], int32.
 
-    Args: u uint8[m, k], w int8 (``[n/16, k/4, 16, 4]`` when ``vnni``, else ``[k, n]``),
-    bias int32[n] (already minus ``128 * sum_k w``), acc int32[m, n].
+    Args: u uint8[m, k], w int8 (packed for the :mod:`qcompile.backends.int8_gemm` kind
+    ``gemm``; True / False: "vnni" / "portable"), bias int32[n] (already minus
+    ``int8_gemm.zero_point_correction``), acc int32[m, n].
     """
-    u, w, acc = u8s8_matmul(m, k, n, vnni)
+    u, w, acc = int8_gemm.matmul(m, k, n, gemm)
     bias = te.placeholder((n,), "int32", name="bias")
     y = te.compute((m, n), lambda i, j: acc[i, j] + bias[j], name="epilogue")
-    schedule = sched.schedule_vnni_gemm if vnni else sched.schedule_int_gemm
+    schedule = int8_gemm.schedule(gemm)
     return _finish([u, w, bias, y], target, lambda s, p: schedule(s, "matmul", "epilogue", m, n, p))
 
 

@@ -1,8 +1,9 @@
 """Relax lowerings of the integer-only ops (merged into :mod:`.relax_lowering`'s rules).
 
-1. ``IntLinear`` -> one scheduled int8 GEMM kernel (VNNI on x86 with AVX-512 VNNI when
-   K % 4 == 0 and N % 16 == 0, the weight packed here at compile time) with an int32 epilogue;
-   ``bias - 128 * sum_k w`` is folded into one int32 constant. Opaque to ``FuseOps``.
+1. ``IntLinear`` -> one scheduled int8 GEMM kernel (the kind :func:`.int8_gemm.select` picks:
+   VNNI, smmla, sdot or portable; the weight packed here at compile time) with an int32
+   epilogue; ``bias - zero_point_correction`` is folded into one int32 constant. Opaque to
+   ``FuseOps``.
 2. ``IntConv`` -> ``relax.op.nn.conv2d`` on int8 (codes minus 128) with ``out_dtype`` int32
    (legalized to an integer TIR convolution), plus the int32 bias.
 3. ``Requantize`` -> a TE function (``emit_te``) around ``tirx.q_multiply_shift_per_axis``;
@@ -21,7 +22,7 @@ from tvm import relax
 
 from qcompile.errors import UnsupportedOpError
 
-from . import int8_kernels, integer_kernels
+from . import int8_gemm, integer_kernels
 from .int8_lowering import constant_input
 
 __all__ = ["INTEGER_LOWERINGS", "BOUNDARY_KERNELS", "float_primfuncs"]
@@ -44,15 +45,15 @@ def _int_linear(ctx, node):
     shape = _shape(x)
     m = math.prod(shape[:-1])
     u = x if len(shape) == 2 else ctx.emit(R.reshape(x, (m, k)))
-    bias = -128 * w.astype(np.int64).sum(axis=0)
+    gemm = int8_gemm.select(ctx.target, m, k, n)
+    bias = -int8_gemm.zero_point_correction(gemm, w)
     if len(node.inputs) > 2 and node.inputs[2]:
         bias = bias + ctx.graph.constants[node.inputs[2]].astype(np.int64)
-    vnni = int8_kernels.vnni_supported(ctx.target) and k % 4 == 0 and n % 16 == 0
-    wconst = relax.const(int8_kernels.pack_vnni(w) if vnni else np.ascontiguousarray(w))
-    key = ("integer_kernels.int_linear_kernel", (m, k, n, vnni))
+    wconst = relax.const(int8_gemm.pack(gemm, w))
+    key = ("integer_kernels.int_linear_kernel", (m, k, n, gemm))
     gvar = ctx._kernels.get(key)  # pylint: disable=protected-access  (the context's kernel cache)
     if gvar is None:
-        func = integer_kernels.int_linear_kernel(m, k, n, vnni, ctx.target).with_attr("op_pattern", OPAQUE)
+        func = integer_kernels.int_linear_kernel(m, k, n, gemm, ctx.target).with_attr("op_pattern", OPAQUE)
         gvar = ctx.bb.add_func(func, f"int_linear_{len(ctx._kernels)}")
         ctx._kernels[key] = gvar  # pylint: disable=protected-access
     y = ctx.emit(relax.call_tir(gvar, [u, wconst, relax.const(bias.astype(np.int32))],

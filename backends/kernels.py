@@ -31,6 +31,7 @@ __all__ = [
     "linear_kernel",
     "qlinear_kernel",
     "batch_matmul_kernel",
+    "int_batch_matmul_kernel",
     "qgather_kernel",
 ]
 
@@ -89,12 +90,28 @@ def qlinear_kernel(m: int, k: int, n: int, bits: int, group_size: int, symmetric
 
 def batch_matmul_kernel(batch: int, m: int, k: int, n: int, target) -> tirx.PrimFunc:
     """y[b, m, n] = a[b, m, k] @ b[b, k, n].  Args: a, b, y."""
+    return _batch_matmul(batch, m, k, n, ("float32", None), ("float32", None), "float32", target)
+
+
+def int_batch_matmul_kernel(batch: int, m: int, k: int, n: int, a_dtype: str, b_dtype: str, a_zero: int,
+                            b_zero: int, target) -> tirx.PrimFunc:
+    """int32 y[b, m, n] = (a - a_zero)[b, m, k] @ (b - b_zero)[b, k, n] (operands widened to int32)."""
+    return _batch_matmul(batch, m, k, n, (a_dtype, a_zero), (b_dtype, b_zero), "int32", target)
+
+
+def _batch_matmul(batch, m, k, n, a_spec, b_spec, out_dtype, target) -> tirx.PrimFunc:
+    """The batched GEMM of both kernels above: operand spec = (dtype, zero point or None)."""
     _check_dims(batch=batch, m=m, k=k, n=n)
-    a = te.placeholder((batch, m, k), "float32", name="a")
-    b = te.placeholder((batch, k, n), "float32", name="b")
+    a = te.placeholder((batch, m, k), a_spec[0], name="a")
+    b = te.placeholder((batch, k, n), b_spec[0], name="b")
+
+    def load(x, spec, *idx):
+        v = x[idx] if spec[1] is None else x[idx].astype(out_dtype)
+        return v - tirx.const(spec[1], out_dtype) if spec[1] else v
+
     r = te.reduce_axis((0, k), name="r")
-    mm = te.compute((batch, m, n), lambda t, i, j: te.sum(a[t, i, r] * b[t, r, j], axis=r),
-                    name="matmul")
+    mm = te.compute((batch, m, n), lambda t, i, j: te.sum(load(a, a_spec, t, i, r) * load(b, b_spec, t, r, j),
+                                                          axis=r), name="matmul")
     y = te.compute((batch, m, n), lambda t, i, j: mm[t, i, j], name="epilogue")
     return _finish([a, b, y], target, lambda sch, p: sched_llvm.schedule_gemm(
         sch, "matmul", "epilogue", m, n, p, batched=True))

@@ -33,11 +33,13 @@ from tvm import relax
 from qcompile.errors import InvariantError, UnsupportedOpError
 from qcompile.ir import Graph, Node
 
-from . import kernels
+from . import kernels, lut_lowering
 from .hadamard_lowering import lower_hadamard
+from .relax_lowering_qoperator import QOPERATOR_LOWERINGS
 from .relax_lowering_quant import QUANT_LOWERINGS
 from .int8_lowering import INT8_LOWERINGS
 from .integer_lowering import INTEGER_LOWERINGS
+from .integer_nn_lowering import INTEGER_NN_LOWERINGS
 
 
 __all__ = ["lower_graph", "SUPPORTED_OPS"]
@@ -106,11 +108,11 @@ class _Ctx:
                                  f"IR declares {want.dtype}{list(want.shape)}")
 
     # -- kernels ---------------------------------------------------------------
-    def call_kernel(self, builder: str, params: tuple, args, out_shape, out_dtype="float32"):
+    def call_kernel(self, builder: str, params: tuple, args, out_shape, out_dtype="float32", builders=kernels):
         key = (builder, params)
         gvar = self._kernels.get(key)
         if gvar is None:
-            func = getattr(kernels, builder)(*params, self.target)
+            func = getattr(builders, builder)(*params, self.target)
             func = func.with_attr("op_pattern", OPAQUE)
             gvar = self.bb.add_func(func, f"{builder.replace('_kernel', '')}_{len(self._kernels)}")
             self._kernels[key] = gvar
@@ -283,6 +285,8 @@ def _qlinear(ctx, node):
     bits, gs, sym = int(node.attrs["bits"]), int(node.attrs.get("group_size", 0)), bool(node.attrs["symmetric"])
     ins = list(node.inputs) + [""] * (5 - len(node.inputs))
     _check_zeros(node, ins[3], sym)
+    if lut_lowering.is_lut(ctx.graph, node):  # batch-1 LUT GEMV, chosen before lowering
+        return _restore(ctx, lut_lowering.lower_lut_qlinear(ctx, node, x), lead, n)
     args = [x, ctx.get(ins[1]), ctx.get(ins[2])]
     if not sym:
         args.append(ctx.get(ins[3]))
@@ -416,8 +420,10 @@ _RULES = MappingProxyType({
     "AveragePool": (_pool, frozenset(_POOL_ATTRS)),
     "GlobalAveragePool": (_global_avg_pool, frozenset()),
     **QUANT_LOWERINGS,
+    **QOPERATOR_LOWERINGS,
     **INT8_LOWERINGS,
     **INTEGER_LOWERINGS,
+    **INTEGER_NN_LOWERINGS,
 })
 SUPPORTED_OPS = frozenset(_RULES)
 

@@ -94,6 +94,11 @@ def _i32(ctx, x, zp_name):
 
 
 def _matmul_integer(ctx, node):
+    from .matmul_integer_gemm import lower_matmul_integer_gemm  # constant B: scheduled int8 GEMM
+
+    scheduled = lower_matmul_integer_gemm(ctx, node)
+    if scheduled is not None:
+        return scheduled
     ins = list(node.inputs) + [""] * (4 - len(node.inputs))
     a = _i32(ctx, ctx.get(ins[0]), ins[2])
     b = _i32(ctx, ctx.get(ins[1]), ins[3])

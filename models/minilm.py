@@ -73,6 +73,90 @@ CALIB_SENTENCES = [
     "Snow covered the village and the roads were impassable.",
     "She translated the letter from Portuguese into English.",
     "The server crashed because the disk was full.",
+    "If the function returns null, the caller should retry the request after a short "
+    "exponential backoff instead of failing immediately.",
+    "Our hotel room overlooked the old harbour, where fishing boats came in every morning with "
+    "the night's catch.",
+    "The committee will review all applications received before the end of March and notify "
+    "candidates by email.",
+    "Mix the yoghurt with garlic, lemon juice and chopped mint, then leave it in the fridge for an hour.",
+    "Why does the sky look red at sunset but blue at noon?",
+    "The striker scored twice in the second half, securing a dramatic comeback for the visiting side.",
+    "Patients with high blood pressure should reduce salt intake and exercise regularly, "
+    "according to the new guidelines.",
+    "I can't believe the package arrived broken again; this is the third time this month!",
+    "The ancient Romans built aqueducts that carried water over dozens of kilometres using only gravity.",
+    "Click the settings icon in the top right corner, choose Privacy, and disable location tracking.",
+    "A herd of elephants crossed the dusty road while tourists watched silently from their jeeps.",
+    "Inflation slowed to 2.4 percent in October, the lowest level in three years.",
+    "The violinist tuned her instrument carefully before stepping onto the stage.",
+    "Gradient descent updates each parameter in the direction that most reduces the loss.",
+    "Do you know whether the pharmacy on Main Street is open on Sundays?",
+    "The novel follows a young sailor who is shipwrecked on an island and must learn to survive alone.",
+    "Thousands of protesters gathered outside parliament demanding action on housing costs.",
+    "The bakery sells sourdough loaves, croissants and a famous cinnamon roll.",
+    "Our quarterly revenue grew by 12% year over year, driven mainly by subscriptions in Asia.",
+    "The toddler giggled as the puppy licked her face.",
+    "Firefighters contained the wildfire after battling the flames for nearly a week.",
+    "In 1969, astronauts walked on the Moon for the first time.",
+    "The database index speeds up lookups but slows down every insert and update.",
+    "Lisbon is known for its yellow trams, steep hills and pastel-coloured buildings.",
+    "He apologised for missing the meeting and promised to send his notes by Friday.",
+    "A thick fog rolled in from the sea, and the lighthouse beam swept slowly across the bay.",
+    "The vaccine trial enrolled more than thirty thousand volunteers across six countries.",
+    "Please do not feed the animals; they follow a special diet prepared by our keepers.",
+    "The chess grandmaster sacrificed her queen to win the game in seven moves.",
+    "Honestly, the sequel was boring, too long and full of plot holes.",
+    "Two men in orange vests are repairing the railway track near the station.",
+    "The river flooded the lower part of town, and residents were evacuated by boat overnight.",
+    "Regular expressions are powerful but notoriously hard to read and maintain.",
+    "She ordered a cappuccino and a slice of lemon cake and sat by the window.",
+    "The museum reopened after a two-year restoration of its medieval tapestries.",
+    "Which programming language should I learn first if I want to build mobile apps?",
+    "Wind turbines now supply almost half of the country's electricity on windy days.",
+    "The kitten chased a ball of yarn under the sofa and refused to come out.",
+    "Our flight was cancelled, so the airline booked us into a hotel near the airport.",
+    "The professor explained that entropy always increases in an isolated system.",
+    "Local farmers sell organic vegetables, honey and cheese at the Saturday market.",
+    "The contract may be terminated by either party with thirty days' written notice.",
+    "A boy in a red jacket is flying a kite on the beach.",
+    "The symphony's final movement builds slowly to a triumphant, thunderous climax.",
+    "Heat the oil in a large pan, add the onions and cook until soft and golden.",
+    "The detective noticed a muddy footprint beneath the broken window.",
+    "Researchers trained the model on millions of images and then fine-tuned it on medical scans.",
+    "I've been waiting on hold with customer service for forty-five minutes.",
+    "The mountain village has no cars; supplies arrive by cable car or on mules.",
+    "Tax returns must be filed online before the thirty-first of January.",
+    "The children built a sandcastle with towers, a moat and a little flag on top.",
+    "Memory leaks occur when a program allocates memory and never releases it.",
+    "The election results will be announced late tonight after all ballots are counted.",
+    "Her garden is full of roses, lavender and tall sunflowers in the summer.",
+    "The quarterback threw a long pass in the final seconds to win the championship.",
+    "Turn left at the second roundabout and the hospital will be on your right.",
+    "Coral reefs are dying because warmer oceans cause the corals to expel their algae.",
+    "We hiked for six hours through pine forests before reaching the frozen lake at the summit.",
+    "The app crashes whenever I try to upload a photo larger than ten megabytes.",
+    "The queen's portrait was painted by an unknown artist in the sixteenth century.",
+    "Cheap flights have made weekend trips abroad popular among young people.",
+    "A woman is reading a newspaper on a bench in the railway station.",
+    "Antibiotics do not work against viruses such as the common cold or the flu.",
+    "The old factory was converted into apartments, a gym and a rooftop cafe.",
+    "How many tablespoons are there in a cup?",
+    "Students protested against the increase in tuition fees at several universities.",
+    "The translation of the poem loses some of the rhythm of the original French.",
+    "Our neighbours are renovating their kitchen, and the drilling starts at seven every morning.",
+    "The spider spun an intricate web between the branches of the apple tree.",
+    "Central heating was switched off in the office to save energy during the crisis.",
+    "The surgeon performed the delicate operation with the help of a robotic arm.",
+    "Hurry up, the film starts in ten minutes and we still need to buy tickets!",
+    "The committee rejected the proposal because it lacked a realistic budget.",
+    "Every morning the fishermen mend their nets on the quay while gulls circle overhead.",
+    "The algorithm sorts the list in place using a divide and conquer strategy.",
+    "A panda is chewing bamboo in its enclosure at the zoo.",
+    "The old man told stories about the war to anyone who would listen.",
+    "Renewable energy investments overtook fossil fuel spending for the first time last year.",
+    "Thank you so much for the flowers, they made my whole week.",
+    "The jury found the defendant not guilty after deliberating for two days.",
 ]
 
 
@@ -91,11 +175,15 @@ def model_dir() -> Path:
 
 def load_torch_model():
     """The sentence encoder as a torch.nn.Module: (ids, mask, types) -> unit embeddings [B, 384]."""
-    import torch
     from transformers import AutoModel
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    bert = AutoModel.from_pretrained(str(model_dir())).eval()
+    return sentence_encoder(AutoModel.from_pretrained(str(model_dir())).eval())
+
+
+def sentence_encoder(bert):
+    """Wrap a transformers BERT: (ids, mask, types) -> mean-pooled, L2-normalised embeddings."""
+    import torch
 
     class SentenceEncoder(torch.nn.Module):
         def __init__(self, bert):

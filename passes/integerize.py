@@ -54,6 +54,7 @@ from qcompile.interpreter_integer import dyadic
 from qcompile.ir import Graph, Node, TensorType
 
 from .base import Pass, PassResult
+from .integerize_nn import TransformerRules
 from .quantize_activations import quantize_weight_per_channel
 
 __all__ = ["IntegerizePass", "BOUNDARY_OPS", "integerize_w8a8", "float_value_ranges"]
@@ -74,6 +75,7 @@ class _Int:
     kind: str  # "codes" | "acc"
     scale: np.ndarray
     axis: int = -1
+    bound: int | None = None  # known largest |integer| (e.g. softmax probabilities), if any
 
     @property
     def per_tensor(self) -> bool:
@@ -126,7 +128,7 @@ class IntegerizePass(Pass):
                     raise InvariantError(f"node '{node.name}' ({node.op}) still touches float value '{name}'")
 
 
-class _Rewriter:
+class _Rewriter(TransformerRules):
     """Walks the graph once, emitting integer nodes into ``self.nodes``."""
 
     def __init__(self, g: Graph, ranges: dict):
@@ -136,6 +138,8 @@ class _Rewriter:
         self.rep: dict[str, _Int] = {}
         self.changed = False
         self.rescales = 0
+        self.done: set[str] = set()  # nodes already replaced as part of a lookup-table chain
+        self.never_true: set[str] = set()  # boolean values known to be all False (IsNaN of integers)
 
     # -- helpers --------------------------------------------------------------------
     def _value(self, base: str, shape, dtype: str) -> str:
@@ -226,10 +230,19 @@ class _Rewriter:
             rule = self._move
         ints = [n for n in node.inputs if n and (n in self.rep or (n in self.g.inputs and _is_float(
             self.g.type_of(n).dtype)))]
-        if not ints:  # a constant or non-float subgraph before the boundary
-            self.names.add(node.name)
-            self.nodes.append(node)
+        if node.name in self.done:
             return
+        if not ints:  # a constant or non-float subgraph before the boundary, or a float leaf
+            leaf = self.leaf_rule(node)
+            if leaf is None:
+                self.names.add(node.name)
+                self.nodes.append(node)
+                return
+            self.changed = True
+            return leaf(node)
+        region = self.lut_region(node)
+        if region is not None:
+            return self.lower_lut(region)
         if rule is None:
             raise UnsupportedOpError(node.op, node.name, "--integer-only has no integer version of this op")
         self.changed = True
@@ -237,12 +250,12 @@ class _Rewriter:
             self.names.discard(node.name)
         rule(node)
 
-    def _out(self, node: Node, kind: str, scale, axis: int = -1, index: int = 0) -> str:
+    def _out(self, node: Node, kind: str, scale, axis: int = -1, index: int = 0, bound: int | None = None) -> str:
         name = node.outputs[index]
         t = self.g.type_of(name)
         new = self._value(f"{name}.{'codes' if kind == 'codes' else 'i32'}", t.shape,
                           "uint8" if kind == "codes" else "int32")
-        self.rep[name] = _Int(new, kind, np.atleast_1d(np.asarray(scale, np.float64)), axis)
+        self.rep[name] = _Int(new, kind, np.atleast_1d(np.asarray(scale, np.float64)), axis, bound)
         return new
 
     def _r_QuantizeAct(self, node: Node) -> None:
@@ -289,6 +302,8 @@ class _Rewriter:
 
     def _r_Clip(self, node: Node) -> None:
         lo, hi = node.attrs.get("min"), node.attrs.get("max")
+        if lo is not None and lo > 0 and hi is None and self.get(node.inputs[0], node).kind == "acc":
+            return self.clip_low(node, float(lo))
         if lo in (None, 0, 0.0) and hi is None:
             return self._r_Relu(node) if lo is not None else self._alias(node)
         src = self.codes(node.inputs[0], node)
@@ -326,14 +341,31 @@ class _Rewriter:
         self._emit("ReduceSum", node.name, [wide], [out], {"axes": tuple(range(2, len(shape))), "keepdims": True})
 
     def _r_Add(self, node: Node) -> None:
-        srcs = [self.get(n, node) for n in node.inputs]
+        ints = [n for n in node.inputs if n in self.rep]
+        others = [n for n in node.inputs if n not in self.rep]
+        if len(ints) == 1 and others and self.mask_operand(others[0]) is not None:
+            return self.masked_add(node, ints[0], self.mask_operand(others[0]))
+        srcs = [self.get(n, node) for n in ints]
         scale = min(float(s.scale.min()) for s in srcs)
         amax = self.ranges.get(node.outputs[0])
         if amax is not None and np.isfinite(amax) and amax > 0:  # 2**24 steps over the range: no int32 overflow
             scale = max(scale, float(amax) / 2.0**_ADD_BITS)
-        wide = [self.requantize(s, "acc", scale, f"{node.name}.in{i}").name for i, s in enumerate(srcs)]
+        wide = []
+        for i, n in enumerate(node.inputs):
+            if n in self.rep:
+                wide.append(self.requantize(self.rep[n], "acc", scale, f"{node.name}.in{i}").name)
+            elif n in self.g.constants and _is_float(self.g.type_of(n).dtype):
+                wide.append(self._const(f"{n}.i32", self._int32_at(node, self.g.constants[n], scale)))
+            else:
+                self.get(n, node)  # raises: a float operand with no integer version
         out = self._out(node, "acc", scale)
         self._emit("Add", node.name, wide, [out])
+
+    def _int32_at(self, node: Node, array: np.ndarray, scale: float) -> np.ndarray:
+        q = np.rint(array.astype(np.float64) / scale)
+        if np.abs(q).max(initial=0) > _INT32_MAX // 2:
+            raise UnsupportedOpError(node.op, node.name, "--integer-only: constant does not fit int32 at the sum's scale")
+        return q.astype(np.int32)
 
     def _move(self, node: Node) -> None:
         src = self.get(node.inputs[0], node)
@@ -380,9 +412,11 @@ def integerize_w8a8(graph: Graph, config, calibration: dict | None = None) -> Gr
 
     from . import calibrate
     from .quantize_activations import ActQuantConfig, QuantizeActivationsPass
+    from .smooth_activations import smooth_for_static
 
     arrays = calibrate.load_npz(config.calib) if config.calib else calibration
     feeds = calibrate.split_batches(graph, arrays) if arrays is not None else [synthesize_inputs(graph)]
+    graph = smooth_for_static(graph, feeds, config.smooth)
     ranges = float_value_ranges(graph, feeds)
     act = ActQuantConfig(weight_bits=int(config.bits), mode="static", ranges=ranges)
     g = QuantizeActivationsPass(act)(graph).graph

@@ -1,13 +1,21 @@
 """Mixed-precision weight quantization: per-layer bit widths from an integer program (HAWQ-V3 style).
 
 Each quantizable Linear ``l`` (those :class:`passes.quantize_weights.QuantizeWeightsPass`
-would rewrite) may take a bit width ``b`` in ``choices`` (default {2, 3, 4, 8}).
+would rewrite) may take a bit width ``b`` in ``choices`` (default {2, 3, 4, 8}); a Linear in
+``fixed_bits`` (e.g. the outlier pieces of ``--outlier-bits``) has that one width, counted in
+the budget.
 
 Sensitivity ``s[l, b]``: the relative output error of layer l on the calibration data,
 ``tr(dW^T H dW) / tr(W^T H W)`` with ``H`` the calibration Hessian (:mod:`passes.calibrate`)
 and ``dW`` the error of the method actually used (RTN, or GPTQ when ``method="gptq"``), so
 the quantized weights computed for the sensitivity are the ones finally used. Without a
-Hessian for a layer, ``H = I`` (relative weight error).
+Hessian for a layer, ``H = I`` (relative weight error). With calibration ``feeds`` the
+sensitivity is measured in model-output units instead (HAWQ-V3's "how much does the model
+output move", measured rather than estimated): ``s[l, lowest]`` is the squared error of the
+graph outputs on the first feed with only layer l at its lowest width (the rest of the graph
+re-run from l's cached inputs), and ``s[l, b] = s[l, lowest] * e[l, b] / e[l, lowest]`` with
+``e`` the Hessian error above, so layers whose errors the network amplifies (or damps) are
+weighted accordingly.
 
 Cost ``c[l, b]``: with ``avg_bits``, code bits ``K*N*b`` against the budget
 ``avg_bits * sum K*N`` (scales and zeros not counted, as "W4 g128" names 4 bits); with
@@ -82,7 +90,8 @@ class MixedPrecisionPass(Pass):
 
     def __init__(self, config: WeightQuantConfig, stats: Stats | None, *, avg_bits: float | None = None,
                  size_budget_bytes: int | None = None, method: str = "rtn", act_order: bool = False,
-                 choices: Sequence[int] = DEFAULT_CHOICES):
+                 choices: Sequence[int] = DEFAULT_CHOICES, fixed_bits: Mapping[str, int] | None = None,
+                 feeds: Sequence[dict] | None = None, percdamp: float | None = None):
         if (avg_bits is None) == (size_budget_bytes is None):
             raise InputError("mixed precision needs exactly one of --bits (average) or --size-budget")
         if method not in ("rtn", "gptq"):
@@ -93,6 +102,8 @@ class MixedPrecisionPass(Pass):
         self.avg_bits, self.size_budget_bytes = avg_bits, size_budget_bytes
         self.method, self.act_order = method, act_order
         self.choices = tuple(sorted(choices))
+        self.fixed_bits = dict(fixed_bits or {})
+        self.feeds, self.percdamp = list(feeds or ()), percdamp
 
     def call(self, graph: Graph) -> PassResult:
         layers = _candidates(graph, self.config)
@@ -101,15 +112,17 @@ class MixedPrecisionPass(Pass):
         table = self._quantize_all(graph, layers)
         sens = {name: {b: self._sensitivity(graph, name, w, pw) for b, pw in table[name].items()}
                 for name, w in layers.items()}
+        if self.feeds:
+            sens = _output_scaled(graph, self.feeds[0], table, sens)
         quantizer = _Cached(self.method, table)
         if self.avg_bits is not None:
-            cost = {n: {b: float(graph.type_of(w).size * b) for b in self.choices} for n, w in layers.items()}
+            cost = {n: {b: float(graph.type_of(w).size * b) for b in table[n]} for n, w in layers.items()}
             budget = self.avg_bits * sum(graph.type_of(w).size for w in layers.values())
         else:
             cost = {n: {b: float(pw.nbytes) for b, pw in table[n].items()} for n in layers}
-            smallest = {n: self.choices[0] for n in layers}
+            smallest = {n: min(table[n]) for n in layers}
             low = QuantizeWeightsPass(self.config, layer_bits=smallest, quantizer=quantizer)(graph).graph
-            fixed = low.weight_bytes() - sum(cost[n][self.choices[0]] for n in layers)
+            fixed = low.weight_bytes() - sum(cost[n][smallest[n]] for n in layers)
             budget = float(self.size_budget_bytes) - fixed
         chosen = choose_bits(sens, cost, budget)
         result = QuantizeWeightsPass(self.config, layer_bits=chosen, quantizer=quantizer)(graph)
@@ -121,12 +134,14 @@ class MixedPrecisionPass(Pass):
     # -- pieces ------------------------------------------------------------------------
     def _quantize_all(self, graph: Graph, layers: dict[str, str]) -> dict[str, dict[int, PackedWeight]]:
         cfg = self.config
-        gptq = GPTQQuantizer(self.stats, act_order=self.act_order) if self.method == "gptq" else None
+        gptq = None
+        if self.method == "gptq":
+            gptq = GPTQQuantizer(self.stats, act_order=self.act_order, percdamp=self.percdamp)
         table: dict[str, dict[int, PackedWeight]] = {}
         for name, weight in layers.items():
             w = graph.constants[weight]
             table[name] = {}
-            for b in self.choices:
+            for b in (self.fixed_bits[name],) if name in self.fixed_bits else self.choices:
                 pw = gptq.quantize(name, w, b, cfg.group_size, cfg.symmetric, cfg.clip_search) if gptq else None
                 if pw is None:
                     pw = quantize_and_pack(w, b, cfg.group_size, cfg.symmetric, cfg.clip_search, name=name)
@@ -144,7 +159,8 @@ class MixedPrecisionPass(Pass):
         elems = {n: graph.type_of(w).size for n, w in layers.items()}
         avg = sum(elems[n] * chosen[n] for n in layers) / sum(elems.values())
         return {
-            "objective": "sum of relative Hessian-weighted output errors",
+            "objective": "sum of measured model-output errors" if self.feeds else
+                         "sum of relative Hessian-weighted output errors",
             "budget": "average_bits" if self.avg_bits is not None else "size_bytes",
             "budget_value": self.avg_bits if self.avg_bits is not None else self.size_budget_bytes,
             "linear_budget": round(budget, 3),
@@ -164,6 +180,29 @@ class _Cached:
 
     def quantize(self, node, w, bits, group_size, symmetric, clip_search):
         return self.table.get(node, {}).get(bits)
+
+
+def _output_scaled(graph: Graph, feed: dict, table, sens) -> dict[str, dict[int, float]]:
+    """Sensitivities in units of model-output error, measured: per layer, the squared error of
+    the graph outputs with only that layer at its lowest width (one forward of the rest of the
+    graph from that layer's cached inputs), times ``sens[b] / sens[lowest]`` for the other widths."""
+    from qcompile.interpreter import run, run_node
+
+    env = run(graph, feed, keep_all=True)
+    index = {n.name: i for i, n in enumerate(graph.nodes)}
+    out = {}
+    for name, widths in sens.items():
+        low = min(widths)
+        local = dict(env)
+        for i, n in enumerate(graph.nodes[index[name]:]):
+            args = [local[x] if x else None for x in n.inputs]
+            if i == 0:
+                args[1] = table[name][low].dequantize()
+            for value, array in zip(n.outputs, run_node(graph, n, args)):
+                local[value] = array
+        err = sum(float(np.sum((local[o].astype(np.float64) - env[o]) ** 2)) for o in graph.outputs)
+        out[name] = {b: err * (s / widths[low] if widths[low] > 0 else 0.0) for b, s in widths.items()}
+    return out
 
 
 def _candidates(graph: Graph, config: WeightQuantConfig) -> dict[str, str]:

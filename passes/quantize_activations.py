@@ -229,9 +229,11 @@ def quantize_w8a8(graph: Graph, config, calibration: dict | None = None) -> Grap
     ranges = {}
     if config.act_mode == "static":
         from . import calibrate
+        from .smooth_activations import smooth_for_static
 
         arrays = calibrate.load_npz(config.calib) if config.calib else calibration
         feeds = calibrate.split_batches(graph, arrays) if arrays is not None else [synthesize_inputs(graph)]
+        graph = smooth_for_static(graph, feeds, getattr(config, "smooth", 0.0))
         ranges = collect_act_ranges(graph, feeds)
     act = ActQuantConfig(weight_bits=int(config.bits), mode=config.act_mode, ranges=ranges)
     g = QuantizeActivationsPass(act)(graph).graph

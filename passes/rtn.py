@@ -17,10 +17,12 @@ Conventions (those of GPTQ / torchao):
 * an all-zero group gets ``s = 1`` (codes all equal the zero point).
 
 Without clip search every element's reconstruction error is at most ``s / 2``. With clip
-search the range of each group is shrunk by each ratio in ``ratios`` (default 1.0 down to
-0.75 in 20 steps) and the ratio with the least squared reconstruction error is kept; ratio
-1.0 is always a candidate and wins ties, so the per-group (hence total) MSE never exceeds
-plain RTN's.
+search the range of each group is shrunk by each ratio in ``ratios`` and the ratio with the
+least squared reconstruction error is kept; ratio 1.0 is always a candidate and wins ties,
+so the per-group (hence total) MSE never exceeds plain RTN's. Default grid
+(:func:`clip_ratios`): 1.0 down to 0.75 in 20 steps for 4 and 8 bits; for 2 and 3 bits,
+whose best ratios lie lower, that grid continues down to 0.4 in steps of 0.025 (on MiniLM's weights, g128: median
+0.6 at 2 bits, with 99% of groups below 0.75; median 0.8 at 3 bits).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from qcompile.quant import dequantize_weight, pack_codes
 
 __all__ = [
     "DEFAULT_CLIP_RATIOS",
+    "LOW_BIT_CLIP_RATIOS",
+    "clip_ratios",
     "PackedWeight",
     "quantize_rtn",
     "quantize_and_pack",
@@ -41,6 +45,12 @@ __all__ = [
 ]
 
 DEFAULT_CLIP_RATIOS = tuple(float(r) for r in np.linspace(1.0, 0.75, 21))
+LOW_BIT_CLIP_RATIOS = DEFAULT_CLIP_RATIOS + tuple(float(r) for r in np.linspace(0.725, 0.4, 14))
+
+
+def clip_ratios(bits: int) -> tuple[float, ...]:
+    """The default clip-search grid for ``bits`` (wider below 4 bits)."""
+    return LOW_BIT_CLIP_RATIOS if bits <= 3 else DEFAULT_CLIP_RATIOS
 
 
 @dataclass(frozen=True, eq=False)
@@ -67,7 +77,7 @@ class PackedWeight:
 
 
 def quantize_rtn(w: np.ndarray, bits: int, group_size: int, symmetric: bool, clip_search: bool = True,
-                 *, name: str = "weight", ratios=DEFAULT_CLIP_RATIOS):
+                 *, name: str = "weight", ratios=None):
     """W[K, N] float -> (codes uint8[N, K], scales f32[N, G], zeros f32[N, G] | None).
 
     Raises InputError (naming ``name``) if W is not a finite 2-D float array, or if
@@ -77,7 +87,7 @@ def quantize_rtn(w: np.ndarray, bits: int, group_size: int, symmetric: bool, cli
     if bits not in (2, 3, 4, 8):
         raise InputError(f"layer '{name}': bits must be one of 2, 3, 4, 8 (got {bits})")
     lo, hi = _group_range(groups, symmetric)
-    candidates = tuple(ratios) if clip_search else (1.0,)
+    candidates = tuple(clip_ratios(bits) if ratios is None else ratios) if clip_search else (1.0,)
     best = None
     if len(candidates) > 1:
         best = _search_ratio(groups, lo, hi, bits, symmetric, candidates)
@@ -90,7 +100,7 @@ def quantize_rtn(w: np.ndarray, bits: int, group_size: int, symmetric: bool, cli
 
 
 def quantize_and_pack(w: np.ndarray, bits: int, group_size: int, symmetric: bool, clip_search: bool = True,
-                      *, name: str = "weight", ratios=DEFAULT_CLIP_RATIOS) -> PackedWeight:
+                      *, name: str = "weight", ratios=None) -> PackedWeight:
     """:func:`quantize_rtn` followed by :func:`qcompile.quant.pack_codes`."""
     codes, scales, zeros = quantize_rtn(w, bits, group_size, symmetric, clip_search, name=name, ratios=ratios)
     shape = (int(w.shape[0]), int(w.shape[1]))

@@ -27,6 +27,7 @@ examples:
   qcompile demo            # the embedded default model (all-MiniLM-L6-v2), end to end
   qcompile tune model.onnx --trials 32 --db tuned/ --bits 16 --shape x=1x128   # MetaSchedule
   qcompile model.onnx --bits 16 --shape x=1x128 --db tuned/ -o out/             # use its records
+  qcompile tune model.onnx --trials 64 --db tuned/ --rpc tracker:9190 --key rk3588  # measure on boards
 """
 SUBCOMMANDS = ("compile", "run", "inspect", "demo", "compare", "tune")
 
@@ -60,7 +61,8 @@ def _compile_parser() -> argparse.ArgumentParser:
                    help="pre-quantized model: dequantize its layers and re-quantize with --bits (default: keep its recipe)")
     p.add_argument("--method", default="rtn", choices=("rtn", "gptq"),
                    help="weight quantization: rtn (round to nearest) or gptq (calibrated; default rtn)")
-    p.add_argument("--act-order", action="store_true", help="GPTQ: quantize inputs by decreasing Hessian diagonal")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                   help="GPTQ: quantize inputs by decreasing Hessian diagonal (default on)")
     p.add_argument("--calib", default=None, metavar="FILE.npz",
                    help="calibration inputs for gptq / mixed precision (default: --inputs, else synthesized)")
     p.add_argument("--size-budget", type=float, default=None, metavar="MB",
@@ -71,11 +73,19 @@ def _compile_parser() -> argparse.ArgumentParser:
                    help="8: int8 activations into integer GEMMs (W8A8 / W4A8 with --bits 4); default 16 (float)")
     p.add_argument("--act-mode", default="dynamic", choices=("dynamic", "static"),
                    help="--act-bits 8: per-token dynamic scales, or static per-tensor scales from --calib")
+    p.add_argument("--smooth", type=float, default=0.5, metavar="ALPHA",
+                   help="static activation scales (--act-mode static, --integer-only): SmoothQuant alpha that "
+                        "migrates activation outlier channels into the weights (0: off; default 0.5)")
     p.add_argument("--integer-only", action="store_true",
                    help="--act-bits 8: integer-only inference (int32 accumulation, dyadic rescales; float only "
                         "in the input quantizer and the output dequantizer; implies --act-mode static)")
+    p.add_argument("--outlier-bits", type=int, default=None, choices=(3, 4, 8),
+                   help="weight-only: leading outlier weight groups of a Linear (after --passes reorder) get these bits")
+    p.add_argument("--gemv-kernel", default="auto", choices=("auto", "lut", "dequant"),
+                   help="batch-1 quantized Linear: lut (lookup-table GEMV), dequant (fused dequant GEMV), "
+                        "or auto (default: lut where it fits and is estimated faster)")
     p.add_argument("--db", default=None, metavar="DIR",
-                   help="tuning database written by `qcompile tune` (--target llvm): apply its schedules")
+                   help="tuning database written by `qcompile tune` (same --target): apply its schedules")
     p.add_argument("-q", "--quiet", action="store_true")
     return p
 
@@ -110,7 +120,8 @@ def _cmd_compile(argv) -> int:
         passes=tuple(p.strip() for p in args.passes.split(",") if p.strip()),
         method=args.method, act_order=args.act_order, calib=args.calib, size_budget_mb=args.size_budget,
         fallback=args.fallback, act_bits=args.act_bits, act_mode=args.act_mode,
-        integer_only=args.integer_only, tuning_db=args.db,
+        integer_only=args.integer_only, smooth=args.smooth, tuning_db=args.db, outlier_bits=args.outlier_bits,
+        gemv_kernel=args.gemv_kernel,
     )
     eval_inputs = _load_npz(args.inputs) if args.inputs else None
     art = compile_model(args.model, config, output=args.output, eval_inputs=eval_inputs)
@@ -211,7 +222,9 @@ def _cmd_tune(argv) -> int:
         description="Tune the functions without a hand schedule (fused elementwise / reduction functions) "
                     "with MetaSchedule; compile with --db DIR to use the results.")
     p.add_argument("model", help="ONNX model file")
-    p.add_argument("--target", default="llvm", help="llvm (this host) only")
+    p.add_argument("--target", default="llvm",
+                   help="llvm = this host (default), arm64 = aarch64 Linux (needs --rpc: measured on boards)")
+    p.add_argument("--cpu", default=None, help=f"CPU of --target arm64: {', '.join(ARM64_CPUS)}")
     p.add_argument("--trials", type=int, required=True, help="MetaSchedule trials per function")
     p.add_argument("--db", default=None, metavar="DIR",
                    help="database directory (default ~/.cache/qcompile/tuning/<target hash>)")
@@ -222,14 +235,18 @@ def _cmd_tune(argv) -> int:
     p.add_argument("--symmetric", action="store_true", help="as for compile")
     p.add_argument("--act-bits", type=int, default=16, choices=(8, 16), help="as for compile")
     p.add_argument("--threads", type=int, default=None, help="cores of the target (default: all)")
+    p.add_argument("--rpc", default=None, metavar="HOST:PORT",
+                   help="TVM RPC tracker: measure on the servers registered there with --key (in parallel)")
+    p.add_argument("--key", default=None, help="with --rpc: the key the RPC servers registered with")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     from .driver import tune
 
     config = CompileConfig(target=args.target, bits=args.bits, group_size=args.group_size,
                            symmetric=args.symmetric, act_bits=args.act_bits, num_threads=args.threads,
-                           shapes=dict(parse_shape(s) for s in args.shape))
-    summary = tune(args.model, config, trials=args.trials, db=args.db, progress=not args.quiet)
+                           shapes=dict(parse_shape(s) for s in args.shape), cpu=args.cpu)
+    summary = tune(args.model, config, trials=args.trials, db=args.db, progress=not args.quiet,
+                   rpc=args.rpc, rpc_key=args.key)
     tuned = sum(1 for t in summary["tasks"] if t["records"])
     print(f"tuned {tuned} of {len(summary['tasks'])} function(s) into {summary['db']}")
     for task in summary["tasks"]:

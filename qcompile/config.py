@@ -33,7 +33,7 @@ class CompileConfig:
     ``passes``: function-preserving rewrites run on the float graph before quantization, in
     order: "reorder" (passes.reorder_channels, calibrated on the compile's eval inputs) and
     "hadamard" (passes.hadamard_rotation).
-    ``method``: "rtn" or "gptq" (passes.gptq, calibrated). ``act_order``: GPTQ in order of
+    ``method``: "rtn" or "gptq" (passes.gptq, calibrated). ``act_order`` (default on): GPTQ in order of
     decreasing Hessian diagonal (static groups). ``calib``: npz of calibration inputs (default:
     the compile's eval inputs, else synthesized). Mixed precision (passes.mixed_precision)
     runs when ``bits`` is fractional (a non-integer average of code bits in (2, 8), e.g. 2.5) or
@@ -47,8 +47,17 @@ class CompileConfig:
     ``integer_only`` (needs ``act_bits`` 8; implies static scales): passes.integerize makes every
     tensor between the input quantizer and the output dequantizer an integer (int32 accumulation,
     dyadic rescales); only those two boundary kernels compute in float.
-    ``tuning_db``: a MetaSchedule database directory written by ``qcompile tune`` (target llvm
-    only); the build schedules the functions it has records for from them, without searching.
+    ``smooth``: SmoothQuant alpha for static activation scales (``act_mode`` static and
+    ``integer_only``): per-channel activation ranges are migrated into the weights before the
+    per-tensor scales are calibrated (passes.smooth_activations); 0 turns it off.
+    ``outlier_bits``: weight-only quantization with ``group_size`` > 0: the leading weight
+    groups of a Linear whose calibrated input channels are outliers (contiguous after the
+    "reorder" pass) get their own Linear with these bits (passes.outlier_split).
+    ``gemv_kernel``: kernel of a batch-1 (m = 1) QLinear: "lut" the T-MAC style lookup-table
+    GEMV (backends.lut_lowering) where it fits, "dequant" the fused dequant GEMV, "auto" (default)
+    LUT where lut_kernels.choose_m1_kernel prefers it; the recipe records the choice per layer.
+    ``tuning_db``: a MetaSchedule database directory written by ``qcompile tune`` (targets llvm
+    and arm64, the latter tuned over RPC); the build schedules the functions it has records for from them, without searching.
     """
 
     target: str = "llvm"
@@ -63,14 +72,17 @@ class CompileConfig:
     cpu: str | None = None
     passes: tuple[str, ...] = ()
     method: str = "rtn"
-    act_order: bool = False
+    act_order: bool = True
     calib: str | None = None
     size_budget_mb: float | None = None
     fallback: str = "off"
     act_bits: int = 16
     act_mode: str = "dynamic"
     integer_only: bool = False
+    smooth: float = 0.5
     tuning_db: str | None = None
+    outlier_bits: int | None = None
+    gemv_kernel: str = "auto"
     version: int = 1
 
     def __post_init__(self):
@@ -82,12 +94,16 @@ class CompileConfig:
             raise InputError(f"--integer-only needs --act-bits 8 (got {self.act_bits})")
         if self.act_bits == 8 and self.bits not in (4, 8):
             raise InputError(f"--act-bits 8 needs --bits 8 or 4 (got {self.bits})")
+        if not 0.0 <= self.smooth <= 1.0:
+            raise InputError(f"--smooth must lie in [0, 1] (got {self.smooth})")
         if self.fallback not in ("off", "auto"):
             raise InputError(f"--fallback must be off or auto (got '{self.fallback}')")
+        if self.gemv_kernel not in ("auto", "lut", "dequant"):
+            raise InputError(f"--gemv-kernel must be auto, lut or dequant (got '{self.gemv_kernel}')")
         if self.target not in SUPPORTED_TARGETS:
             raise InputError(f"--target must be one of {', '.join(SUPPORTED_TARGETS)} (got '{self.target}')")
-        if self.tuning_db is not None and self.target != "llvm":
-            raise InputError(f"--db (tuning database) applies to --target llvm only (target is '{self.target}')")
+        if self.tuning_db is not None and self.target not in ("llvm", "arm64"):
+            raise InputError(f"--db (tuning database) applies to --target llvm or arm64 (target is '{self.target}')")
         if self.cpu is not None and self.target != "arm64":
             raise InputError(f"--cpu applies to --target arm64 only (target is '{self.target}')")
         if self.target == "arm64" and self.cpu not in (None, *ARM64_CPUS):
@@ -106,6 +122,10 @@ class CompileConfig:
             raise InputError(f"--embedding-bits must be 4, 8 or none (got {self.embedding_bits})")
         if self.num_threads is not None and self.num_threads < 1:
             raise InputError(f"--threads must be >= 1 (got {self.num_threads})")
+        if self.outlier_bits is not None and (self.outlier_bits not in (3, 4, 8) or self.act_bits != 16
+                                              or not self.group_size or not self.quantize):
+            raise InputError(f"--outlier-bits must be 3, 4 or 8, with weight-only quantization and --group-size > 0 "
+                             f"(got {self.outlier_bits})")
         unknown = [p for p in self.passes if p not in GRAPH_PASSES]
         if isinstance(self.passes, str) or unknown:
             raise InputError(f"--passes takes a comma-separated list of {', '.join(GRAPH_PASSES)} (got {self.passes!r})")

@@ -102,6 +102,7 @@ def _prepare(model, config: CompileConfig, example_inputs, calibration, timings:
     target = _make_target(backend, config)
     if graph is not float_graph:
         graph = _profitability(graph, float_graph, target, config.fallback)
+    graph = _gemv_dispatch(graph, target, config.gemv_kernel)
     return float_graph, graph, model_sha, backend, target
 
 
@@ -142,6 +143,8 @@ def compile(model, config: CompileConfig | None = None, *, output=None, example_
                 report["layers"] = layers
         report.update(_sizes(float_graph, graph))
         report["recipe"] = graph.metadata.get("quant_recipe", [])
+        if "gemv_kernels" in graph.metadata:
+            report["gemv_kernels"] = list(graph.metadata["gemv_kernels"].values())
         if "mixed_precision" in graph.metadata:
             report["mixed_precision"] = graph.metadata["mixed_precision"]
         artifact.write_json(stage / "report.json", report)
@@ -166,23 +169,30 @@ def _build(backend, graph: Graph, target, tuning_db: str | None):
 
 
 def tune(model, config: CompileConfig | None = None, *, trials: int, db=None, example_inputs=None,
-         calib_inputs: dict | None = None, progress: bool = True, **overrides) -> dict:
+         calib_inputs: dict | None = None, progress: bool = True, rpc: str | None = None,
+         rpc_key: str | None = None, **overrides) -> dict:
     """Tune the functions of ``model`` that have no hand schedule with MetaSchedule.
 
     Runs compile's import and passes (same ``config``), then
     :func:`qcompile.backends.llvm.tuning.tune` with ``trials`` trials per function. ``db``: the
     database directory (default: ``~/.cache/qcompile/tuning/<target hash>``). Returns its
     summary; compile with ``tuning_db=<that directory>`` to use the records.
+    ``rpc`` ("HOST:PORT" of a TVM RPC tracker) and ``rpc_key``: measure on the servers
+    registered there with that key (:mod:`qcompile.backends.rpc`); needed for target arm64.
     """
     config = _resolve_config(config, overrides)
-    if config.target != "llvm":
-        raise InputError(f"tune supports --target llvm only (got '{config.target}')")
+    if config.target != "llvm" and not (config.target == "arm64" and rpc):
+        raise InputError(f"tune supports --target llvm, or arm64 with --rpc HOST:PORT --key K (got '{config.target}')")
     if not isinstance(trials, int) or trials < 1:
         raise InputError(f"--trials must be a positive integer (got {trials!r})")
+    if rpc_key and not rpc:
+        raise InputError("--key applies with --rpc HOST:PORT (the RPC tracker)")
+    from qcompile.backends import rpc as rpc_farm
     from qcompile.backends.llvm import tuning
 
+    farm = rpc_farm.connect_farm(rpc, rpc_key) if rpc else None  # fail fast, before the passes
     _, graph, _, _, target = _prepare(model, config, example_inputs, calib_inputs, {})
-    return tuning.tune(graph, target, db or tuning.default_db_dir(target), trials, progress=progress)
+    return tuning.tune(graph, target, db or tuning.default_db_dir(target), trials, progress=progress, farm=farm)
 
 
 def _profitability(graph: Graph, float_graph: Graph, target, mode: str) -> Graph:
@@ -190,6 +200,13 @@ def _profitability(graph: Graph, float_graph: Graph, target, mode: str) -> Graph
     from qcompile.backends.profitability import apply_fallback
 
     return apply_fallback(graph, float_graph, target, mode)[0]
+
+
+def _gemv_dispatch(graph: Graph, target, mode: str) -> Graph:
+    """Mark each batch-1 QLinear for the LUT or the dequant GEMV (backends.lut_lowering)."""
+    from qcompile.backends.lut_lowering import choose_gemv_kernels
+
+    return choose_gemv_kernels(graph, target, mode)[0]
 
 
 def _make_target(backend, config: CompileConfig):

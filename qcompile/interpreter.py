@@ -16,9 +16,11 @@ import scipy.special
 
 from .errors import InputError, InvariantError, UnsupportedOpError
 from .ir import Graph, Node
+from .interpreter_qoperator import QOPERATOR_KERNELS
 from .interpreter_quant import QUANT_KERNELS
 from .interpreter_int8 import INT8_KERNELS
 from .interpreter_integer import INTEGER_KERNELS
+from .interpreter_integer_nn import INTEGER_NN_KERNELS
 from .quant import dequantize_weight
 
 __all__ = ["run", "run_node", "KERNELS", "dequantize_qgather_table", "dequantize_qlinear_weight"]
@@ -322,6 +324,8 @@ KERNELS: dict[str, Kernel] = {
     "Concat": _concat, "Expand": _expand,
     "Conv": _conv, "MaxPool": _pool("max"), "AveragePool": _pool("avg"), "GlobalAveragePool": _global_avg_pool,
     **QUANT_KERNELS,
+    **QOPERATOR_KERNELS,
     **INT8_KERNELS,
     **INTEGER_KERNELS,
+    **INTEGER_NN_KERNELS,
 }

@@ -40,6 +40,22 @@ Quantization (numerics of the ONNX specification; see qcompile.interpreter_quant
   DynamicQuantizeLinear(x) -> (y uint8, scale f32 [], zero_point uint8 []) per ONNX
   MatMulInteger(a, b, a_zp?, b_zp?) -> int32: (a - a_zp) @ (b - b_zp), int32 accumulation;
       a_zp per tensor, b_zp per tensor or per column (b 2-D)
+  ConvInteger(x, w, x_zp?, w_zp?) -> int32: ONNX ConvInteger, conv(x - x_zp, w - w_zp) with int32
+      accumulation, padding holds the real 0; x_zp per tensor, w_zp per tensor or [Cout].
+      attrs: strides, pads, dilations, group (reference: qcompile.interpreter_qoperator)
+  QLinearAdd(a, b) -> dtype: onnxruntime's com.microsoft.QLinearAdd on raw codes, in float32:
+      y = clip(rne(fma(a, a_ratio, fma(b, b_ratio, fixed))), qmin, qmax); an operand with one
+      element is folded into the constant first (fixed + v * ratio, unfused).
+      attrs: a_ratio, b_ratio, fixed (float32 values), qmin, qmax, dtype
+  QLinearMul(a, b) -> dtype: com.microsoft.QLinearMul: p = (a - a_zero_point) * (b - b_zero_point)
+      (int32), y = clip(rne(float32(p) * ratio + c_zero_point), qmin, qmax), multiply and add each
+      rounded to float32. attrs: a_zero_point, b_zero_point (ints), ratio, c_zero_point (floats),
+      qmin, qmax, dtype
+  QLinearAveragePool(x) -> dtype: com.microsoft.QLinearAveragePool (2-D, NCHW, floor mode):
+      float32 sum of x_scale * (x - x_zero_point) over the window in h-major order, / count (the
+      elements inside the input, or the whole window with count_include_pad), then
+      clip(rne(y / y_scale + y_zero_point), qmin, qmax). attrs: x_scale, x_zero_point, y_scale,
+      y_zero_point, kernel_shape, strides, pads, count_include_pad, qmin, qmax, dtype
 
 Activation quantization, W8A8 (reference: qcompile.interpreter_int8). Codes are uint8 with
 zero point 128: u = q + 128, q in [-127, 127]; rounding is half to even.
@@ -67,7 +83,19 @@ TVM's tirx.q_multiply_shift_per_axis with q = 31 (int32 results wrap).
       attrs: axis (the axis C runs along; unused when C == 1), out_dtype ("int32" | "uint8"),
       qmin, qmax (uint8 only; default -127, 127). v = x (int32) or x - 128 (codes);
       r = fpm(v, multiplier[c], shift[c]); int32: r; uint8: clip(r, qmin, qmax) + 128.
-  The integer graph also uses Clip, MaxPool, ReduceSum, Add, Sub, Cast and data movement on
+  Transformer ops (reference: qcompile.interpreter_integer_nn, whose docstring gives the exact
+  integer sequence; int64 intermediates, floor divisions, round-half-up shifts):
+  IntMatMul(a, b) -> int32: (a - a_zero) @ (b - b_zero), numpy matmul broadcasting; attrs
+      a_zero, b_zero (128 for codes, 0 for int32 operands).
+  IntLayerNorm(x int32[..., N], gamma int64 [N], beta int64 [N]) -> int32 over the last axis;
+      attrs pre_shift, out_shift. c = round((x - mean) / 2**pre_shift), std = isqrt(sum c**2 *
+      2**16 // N), n = (c * (2**46 // std)) >> 16, y = round(n * gamma / 2**out_shift) + beta.
+  IntSoftmax(x int32, table int32 [T]) -> int32 probabilities at scale 2**-15 over the last
+      axis; attrs mult, shift (dyadic: max - x -> table index).
+  Lut(x int32 | uint8, table [T]) -> table dtype: table[clip(x + offset, 0, T - 1)]; attr offset.
+  IntDiv(a int32, b int32) -> int32: round_half_up(a * num / (max(b, 1) * den)); attrs num, den.
+  IntReduceL2(x int32) -> int32: isqrt(sum x**2) over axes; attrs axes, keepdims.
+  The integer graph also uses Clip, MaxPool, ReduceSum, Add, Sub, Mul, Where, Cast and data movement on
   integer dtypes (their generic semantics, exact). Its float boundary: QuantizeAct (static) of a
   graph input, DequantizeLinear of a graph output.
 
@@ -103,7 +131,8 @@ OTHER_OPS = frozenset(
     """Where Clip Gelu Hadamard Cast Softmax LayerNorm MatMul Linear QLinear QGather Reshape Transpose
     Gather Slice Concat Expand Conv MaxPool AveragePool GlobalAveragePool
     QuantizeLinear DequantizeLinear DynamicQuantizeLinear MatMulInteger
-    QuantizeAct Int8Linear IntLinear IntConv Requantize""".split()
+    QuantizeAct Int8Linear IntLinear IntConv Requantize ConvInteger QLinearAdd QLinearMul QLinearAveragePool
+    IntMatMul IntLayerNorm IntSoftmax Lut IntDiv IntReduceL2""".split()
 )
 ALL_OPS = ELEMENTWISE_BINARY | ELEMENTWISE_UNARY | REDUCTIONS | OTHER_OPS
 

@@ -86,29 +86,45 @@ def _quantize(graph: Graph, config: CompileConfig, calibration: dict | None) -> 
 
     GPTQ and mixed precision calibrate (passes.calibrate) on ``config.calib`` (npz), else
     ``calibration`` (the eval inputs; a leading axis that is a multiple of the model's batch
-    is split into samples), else synthesized inputs.
+    is split into samples), else synthesized inputs. With ``act_bits`` 8, ``method`` gptq
+    first rounds the Linear weights by GPTQ onto the int8 GEMMs' per-channel grid.
     """
     from qcompile.passes.quant_config import WeightQuantConfig
     from qcompile.passes.quantize_weights import QuantizeWeightsPass
 
+    if config.act_bits == 8 and config.method == "gptq":  # GPTQ weights on the int8 GEMMs' grid
+        from qcompile.passes import calibrate
+        from qcompile.passes.gptq import GPTQRoundWeightsPass
+
+        stats = calibrate.collect_statistics(graph, _calibration_feeds(graph, config, calibration))
+        graph = GPTQRoundWeightsPass(stats, int(config.bits), act_order=config.act_order)(graph).graph
     if config.integer_only:
+        from qcompile.passes.gptq import label_rounded
         from qcompile.passes.integerize import integerize_w8a8
 
-        return integerize_w8a8(graph, config, calibration)
+        return label_rounded(integerize_w8a8(graph, config, calibration))
     if config.act_bits == 8:
+        from qcompile.passes.gptq import label_rounded
         from qcompile.passes.quantize_activations import quantize_w8a8
 
-        return quantize_w8a8(graph, config, calibration)
+        return label_rounded(quantize_w8a8(graph, config, calibration))
     wq = WeightQuantConfig(
         bits=4 if config.mixed_precision else int(config.bits), group_size=config.group_size,
         symmetric=config.symmetric, embedding_bits=config.embedding_bits,
     )
-    if config.method == "rtn" and not config.mixed_precision:
-        return QuantizeWeightsPass(wq)(graph).graph
     from qcompile.passes import calibrate
 
-    arrays = calibrate.load_npz(config.calib) if config.calib else calibration
-    feeds = calibrate.split_batches(graph, arrays) if arrays is not None else [synthesize_inputs(graph)]
+    feeds = None
+    layer_bits: dict[str, int] = {}
+    if config.outlier_bits:
+        from qcompile.passes.outlier_split import SplitOutlierGroupsPass, outlier_layer_bits
+
+        feeds = _calibration_feeds(graph, config, calibration)
+        graph = SplitOutlierGroupsPass(feeds, config.group_size)(graph).graph
+        layer_bits = outlier_layer_bits(graph, config.outlier_bits)
+    if config.method == "rtn" and not config.mixed_precision:
+        return QuantizeWeightsPass(wq, layer_bits=layer_bits)(graph).graph
+    feeds = feeds or _calibration_feeds(graph, config, calibration)
     stats = calibrate.collect_statistics(graph, feeds)
     if config.mixed_precision:
         from qcompile.passes.mixed_precision import MixedPrecisionPass
@@ -116,23 +132,32 @@ def _quantize(graph: Graph, config: CompileConfig, calibration: dict | None) -> 
         budget = None if config.size_budget_mb is None else int(config.size_budget_mb * 1e6)
         avg = None if budget is not None else float(config.bits)
         return MixedPrecisionPass(wq, stats, avg_bits=avg, size_budget_bytes=budget, method=config.method,
-                                  act_order=config.act_order)(graph).graph
+                                  act_order=config.act_order, fixed_bits=layer_bits, feeds=feeds)(graph).graph
     from qcompile.passes.gptq import GPTQPass
 
-    return GPTQPass(wq, stats, act_order=config.act_order)(graph).graph
+    return GPTQPass(wq, stats, act_order=config.act_order, layer_bits=layer_bits)(graph).graph
+
+
+def _calibration_feeds(graph: Graph, config: CompileConfig, calibration: dict | None) -> list[dict]:
+    from qcompile.passes import calibrate
+
+    arrays = calibrate.load_npz(config.calib) if config.calib else calibration
+    return calibrate.split_batches(graph, arrays) if arrays is not None else [synthesize_inputs(graph)]
 
 
 def _graph_passes(graph: Graph, names, calibration: dict | None) -> Graph:
     """Run the function-preserving passes named in ``names`` (CompileConfig.passes), in order.
 
-    "reorder" calibrates on ``calibration`` (the compile's eval inputs) or, without them, on
+    "reorder" calibrates on ``calibration`` (the compile's calibration or eval inputs, split into
+    samples of the model's batch) or, without them, on
     :func:`synthesize_inputs`. The result is the float reference of the verify step.
     """
     for name in names:
         if name == "reorder":
+            from qcompile.passes.calibrate import split_batches
             from qcompile.passes.reorder_channels import ReorderChannelsPass
 
-            feeds = check_feeds(graph, calibration) if calibration is not None else synthesize_inputs(graph)
+            feeds = split_batches(graph, calibration) if calibration is not None else synthesize_inputs(graph)
             graph = ReorderChannelsPass(feeds)(graph).graph
         elif name == "hadamard":
             from qcompile.passes.hadamard_rotation import HadamardRotationPass

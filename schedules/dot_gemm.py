@@ -17,7 +17,8 @@ from __future__ import annotations
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
-__all__ = ["register_dot_intrin", "schedule_dot_gemm", "largest_divisor"]
+__all__ = ["register_dot_intrin", "schedule_dot_gemm", "largest_divisor",
+           "register_mmla_intrin", "schedule_mmla_gemm"]
 
 
 def register_dot_intrin(name: str, lanes: int, a_dtype: str, llvm_intrin: str) -> str:
@@ -88,3 +89,77 @@ def schedule_dot_gemm(sch, block: str, epilogue: str, *, mr: int, nv: int, lanes
     co, cv = sch.split(col, [None, lanes])
     sch.vectorize(cv)
     sch.unroll(co)
+
+
+# ---------------------------------------------------------------------------- matrix-multiply-accumulate
+# aarch64 i8mm ``smmla`` (and any instruction of its shape) multiplies whole tiles instead of
+# broadcasting activations: ``C[rows, cols] += A[rows, depth] . B[cols, depth]^T`` with every
+# operand one contiguous register. The GEMM therefore works on tiled buffers: activations packed
+# ``[M/rows, K/depth, rows, depth]``, weights ``[N/cols, K/depth, cols, depth]`` and the
+# reduction block writes ``[M/rows, N/cols, rows, cols]`` (loops I, J, i, j, r), tiled into
+# ``mr`` x ``nv`` intrinsic tiles with loop order ``column panel, row block, k/depth, mr
+# (unrolled), nv (unrolled), [rows x cols x depth tensorized]`` (:func:`schedule_mmla_gemm`).
+
+
+def register_mmla_intrin(name: str, rows: int, cols: int, depth: int, llvm_intrin: str) -> str:
+    """Register ``C[rows, cols] += A[rows, depth] . B[cols, depth]^T`` (s8 x s8, int32) as ``name``."""
+    a_vec, b_vec, c_vec = f"int8x{rows * depth}", f"int8x{cols * depth}", f"int32x{rows * cols}"
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        A: T.Buffer((rows, depth), "int8", offset_factor=1),
+        B: T.Buffer((cols, depth), "int8", offset_factor=1),
+        C: T.Buffer((rows, cols), "int32", offset_factor=1, scope="local"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:rows, 0:cols], A[0:rows, 0:depth], B[0:cols, 0:depth])
+            T.writes(C[0:rows, 0:cols])
+            for i in T.serial(0, rows):
+                for j in T.serial(0, cols):
+                    for k in T.serial(0, depth):
+                        with T.sblock("update"):
+                            vi, vj, vk = T.axis.remap("SSR", [i, j, k])
+                            C[vi, vj] = C[vi, vj] + T.cast(A[vi, vk], "int32") * T.cast(B[vj, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        A: T.Buffer((rows, depth), "int8", offset_factor=1),
+        B: T.Buffer((cols, depth), "int8", offset_factor=1),
+        C: T.Buffer((rows, cols), "int32", offset_factor=1, scope="local"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:rows, 0:cols], A[0:rows, 0:depth], B[0:cols, 0:depth])
+            T.writes(C[0:rows, 0:cols])
+            C[0, T.ramp(T.int32(0), 1, rows * cols)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(llvm_intrin),
+                C.vload([0, 0], dtype=c_vec), A.vload([0, 0], dtype=a_vec), B.vload([0, 0], dtype=b_vec),
+                dtype=c_vec,
+            )
+
+    TensorIntrin.register(name, desc, impl, override=True)
+    return name
+
+
+def schedule_mmla_gemm(sch, block: str, epilogue: str, *, mr: int, nv: int, depth: int, intrin: str) -> None:
+    """Tile and tensorize the tiled GEMM block (loops I, J, i, j, r; see above); epilogue per row block."""
+    mm = sch.get_sblock(block)
+    rows, cols, ti, tj, r = sch.get_loops(mm)
+    io, ii = sch.split(rows, [None, mr])
+    jo, jv = sch.split(cols, [None, nv])
+    ro, ri = sch.split(r, [None, depth])
+    sch.reorder(jo, io, ro, ii, jv, ti, tj, ri)
+    epi = sch.get_sblock(epilogue)
+    sch.reverse_compute_at(epi, io)
+    sch.set_scope(mm, 0, "local")
+    sch.parallel(sch.fuse(jo, io))
+    init = sch.decompose_reduction(mm, ro)
+    sch.tensorize(ti, intrin)
+    sch.unroll(ii)
+    sch.unroll(jv)
+    *_, row, vec, ti, tj = sch.get_loops(init)
+    sch.unroll(row)
+    sch.unroll(vec)
+    sch.vectorize(sch.fuse(ti, tj))
+    *_, row, col = sch.get_loops(epi)
+    sch.unroll(row)
+    sch.vectorize(col)

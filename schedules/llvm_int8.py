@@ -39,20 +39,21 @@ def schedule_int_gemm(sch, block: str, epilogue: str, m: int, n: int, params) ->
 
 
 def schedule_quantize_rows(sch, m: int, k: int, lanes: int, params) -> None:
-    """Per-row absmax (16-lane partial maxima, rows parallel), then the codes (rows parallel, vectorized)."""
+    """One parallel loop over rows (that of ``amax``); per row: the 16-lane partial absmax, its
+    maximum, the inverse scale, the codes (vectorized) and the scale, so the row stays in L1."""
     vec = params.lanes if params.lanes > 1 and k % params.lanes == 0 else 1
-    quant = sch.get_sblock("quant")
-    row, col = sch.get_loops(quant)
+    row = sch.get_loops(sch.get_sblock("amax"))[0]
+    for name in ("inv", "quant", "scale"):
+        sch.reverse_compute_at(sch.get_sblock(name), row)
+    sch.compute_at(sch.get_sblock("part"), row)
     if vec > 1:
-        _, cv = sch.split(col, [None, vec])
+        _, cv = sch.split(sch.get_loops(sch.get_sblock("quant"))[-1], [None, vec])
         sch.vectorize(cv)
     if m > 1:
         sch.parallel(row)
     part = sch.get_sblock("part")
-    prow, l, ro = sch.get_loops(part)
-    if m > 1:
-        sch.parallel(prow)  # before decompose_reduction (else "no compact dataflow")
     if lanes > 1:
+        l, ro = sch.get_loops(part)[-2:]
         sch.reorder(ro, l)
         sch.vectorize(l)
         init = sch.decompose_reduction(part, ro)

@@ -1,14 +1,25 @@
 #!/usr/bin/env python3
 """MiniLM accuracy sweep: mean embedding cosine vs fp32 for qcompile's quantization
-recipes, beside onnxruntime's own quantizers, on the same 32 real sentences.
+recipes, beside onnxruntime's own quantizers, on the same 32 held-out sentences.
 
-Rows: W8A8, W4A8, W4A16 g128, W3A16 g128, 2.5-bit-average mixed precision.
-Columns: RTN, +reorder, +hadamard, +both, GPTQ. Every qcompile figure is the reference
+Rows (:data:`ROWS`, with :data:`ROW_LABELS`): W8A8 and W4A8 (int8 per-token dynamic
+activations, symmetric per-channel weights), W4A16 g128 and W3A16 g128 (weight-only,
+asymmetric groups of 128 with clip search), mixed precision at a 2.5-bit code average
+(per-Linear widths from {2, 3, 4, 8}, g128), and W2A16 g128 whose leading outlier groups
+take 4 bits (--outlier-bits 4). Columns (:data:`COLUMNS`): RTN, +reorder, +hadamard, +both
+(function-preserving passes before RTN), then GPTQ alone and after those passes, with
+the defaults a user gets from ``--method gptq`` (act-order, dampening: passes.gptq).
+Embedding tables are 8-bit in every row. Every qcompile figure is the reference
 interpreter's output of the quantized graph (what the compiled code reproduces; see the
-artifact's compiled_vs_fake_quant figure). Calibration (reorder, GPTQ, static ranges,
-mixed precision) uses minilm.CALIB_SENTENCES, disjoint from the evaluation sentences.
+artifact's compiled_vs_fake_quant figure). Calibration (reorder, GPTQ, outlier split,
+mixed precision) uses all of minilm.CALIB_SENTENCES, disjoint from the evaluation sentences.
+Besides the cosine, the JSON records each cell's average code bits over the Linears.
+
+Sentences are tokenized to ``--seq-len`` 32 (the longest of either set is 26 tokens; mean
+pooling and attention masks ignore padding, so 128 only adds padded rows and time).
 
     python tools/accuracy_sweep.py [--rows W4A16g128,W3A16g128] [--cols rtn,gptq] [--skip-ort]
+    python tools/accuracy_sweep.py --merge part1.json part2.json   # one table from several runs
 """
 
 from __future__ import annotations
@@ -29,6 +40,15 @@ ROWS = {
     "W4A16g128": dict(bits=4, group_size=128),
     "W3A16g128": dict(bits=3, group_size=128),
     "mixed2.5": dict(bits=2.5, group_size=128),
+    "W2A16g128+o4": dict(bits=2, group_size=128, outlier_bits=4),
+}
+ROW_LABELS = {
+    "W8A8": "W8A8 (int8 dynamic per-token acts, W8 per-channel sym)",
+    "W4A8": "W4A8 (int8 dynamic per-token acts, W4 per-channel sym)",
+    "W4A16g128": "W4A16 g128 (weight-only, asym)",
+    "W3A16g128": "W3A16 g128 (weight-only, asym)",
+    "mixed2.5": "mixed {2,3,4,8} at 2.5-bit avg, g128",
+    "W2A16g128+o4": "W2A16 g128, outlier groups 4-bit",
 }
 COLUMNS = {
     "rtn": dict(),
@@ -36,6 +56,8 @@ COLUMNS = {
     "+hadamard": dict(passes=("hadamard",)),
     "+both": dict(passes=("reorder", "hadamard")),
     "gptq": dict(method="gptq"),
+    "gptq+hadamard": dict(method="gptq", passes=("hadamard",)),
+    "gptq+both": dict(method="gptq", passes=("reorder", "hadamard")),
 }
 
 
@@ -49,14 +71,19 @@ def qcompile_cell(graph, feeds, calib, row: dict, col: dict) -> float | str:
     from qcompile.errors import QCompileError
     from qcompile.interpreter import run
 
-    if "act_bits" in row and col.get("method") == "gptq":
-        return "n/a"
     try:
         config = replace(CompileConfig(embedding_bits=8), **row, **col)
         _, quantized = _optimize(graph, config, calibration=calib)
     except QCompileError as err:
         return f"error: {err}"
-    return run(quantized, feeds)[graph.outputs[0]]
+    return run(quantized, feeds)[graph.outputs[0]], average_bits(quantized)
+
+
+def average_bits(graph) -> float:
+    """Code bits per Linear weight element, averaged over the quantized Linears."""
+    linears = [e for e in graph.metadata.get("quant_recipe", []) if e["op"] != "QGather"]
+    elems = [e["shape"][0] * e["shape"][1] for e in linears]
+    return round(sum(e["bits"] * n for e, n in zip(linears, elems)) / max(sum(elems), 1), 4)
 
 
 def ort_cells(onnx_path: Path, feeds: dict, calib: dict) -> dict[str, np.ndarray]:
@@ -100,50 +127,88 @@ def main() -> int:
     p.add_argument("--rows", default=",".join(ROWS))
     p.add_argument("--cols", default=",".join(COLUMNS))
     p.add_argument("--skip-ort", action="store_true")
+    p.add_argument("--seq-len", type=int, default=32)
     p.add_argument("--json", default="tools/results/accuracy_sweep.json")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="merge the results of earlier runs into --json")
     args = p.parse_args()
+    if args.merge:
+        return _merge(args.merge, Path(args.json))
 
     from qcompile.frontends.onnx_frontend import load_onnx
     from qcompile.models import minilm
     from qcompile.models.demo import default_onnx_path, ort_session
 
     onnx_path = default_onnx_path()
-    feeds = minilm.tokenize(minilm.SENTENCES, 128)
-    calib = minilm.tokenize(minilm.CALIB_SENTENCES, 128)
+    feeds = minilm.tokenize(minilm.SENTENCES, args.seq_len)
+    calib = minilm.tokenize(minilm.CALIB_SENTENCES, args.seq_len)
+    if max(feeds["attention_mask"].sum(1).max(), calib["attention_mask"].sum(1).max()) >= args.seq_len:
+        print(f"warning: some sentences are truncated to {args.seq_len} tokens", file=sys.stderr)
     n = len(minilm.SENTENCES)
-    graph = load_onnx(onnx_path, shapes={k: (n, 128) for k in minilm.INPUT_NAMES})
-    calib_graph_feeds = {k: v[: n] for k, v in calib.items()}
-    if len(minilm.CALIB_SENTENCES) < n:  # calibrate at the evaluation batch shape: repeat the set
-        reps = -(-n // len(minilm.CALIB_SENTENCES))
-        calib_graph_feeds = {k: np.concatenate([v] * reps)[:n] for k, v in calib.items()}
+    graph = load_onnx(onnx_path, shapes={k: (n, args.seq_len) for k in minilm.INPUT_NAMES})
+    # calibrate at the evaluation batch shape: all calibration sentences, repeated up to a
+    # multiple of the batch (the pipeline splits them into batches)
+    whole = -(-len(minilm.CALIB_SENTENCES) // n) * n
+    calib_graph_feeds = {k: np.resize(v, (whole,) + v.shape[1:]) for k, v in calib.items()}
     ref = ort_session(onnx_path, 2).run(None, feeds)[0]
 
+    ort = {} if args.skip_ort else {k: round(cosine(ref, v), 5) for k, v in ort_cells(onnx_path, feeds, calib).items()}
     results: dict[str, dict[str, float | str]] = {}
+    avg_bits: dict[str, dict[str, float]] = {}
     rows = [r for r in args.rows.split(",") if r]
     cols = [c for c in args.cols.split(",") if c]
     for row in rows:
-        results[row] = {}
+        results[row], avg_bits[row] = {}, {}
         for col in cols:
             start = time.perf_counter()
             got = qcompile_cell(graph, feeds, calib_graph_feeds, ROWS[row], COLUMNS[col])
-            results[row][col] = round(cosine(ref, got), 5) if isinstance(got, np.ndarray) else got
-            print(f"  {row:10s} {col:10s} {results[row][col]}  ({time.perf_counter() - start:.1f} s)", flush=True)
-    ort = {} if args.skip_ort else {k: round(cosine(ref, v), 5) for k, v in ort_cells(onnx_path, feeds, calib).items()}
+            if isinstance(got, tuple):
+                results[row][col], avg_bits[row][col] = round(cosine(ref, got[0]), 5), got[1]
+            else:
+                results[row][col] = got
+            print(f"  {row:12s} {col:14s} {results[row][col]}  avg bits {avg_bits[row].get(col)}"
+                  f"  ({time.perf_counter() - start:.1f} s)", flush=True)
+            _save(Path(args.json), rows, cols, results, avg_bits, ort)  # partial results survive a stop
     print(_table(results, rows, cols, ort))
-    out = Path(args.json)
+    _save(Path(args.json), rows, cols, results, avg_bits, ort)
+    return 0
+
+
+def _save(out: Path, rows, cols, results, avg_bits, ort) -> None:
+    data = {"rows": {r: ROW_LABELS[r] for r in rows}, "columns": {c: _col_label(c) for c in cols},
+            "qcompile": results, "average_bits": avg_bits, "onnxruntime": ort}
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"qcompile": results, "onnxruntime": ort}, indent=2) + "\n")
+    out.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _merge(paths, out: Path) -> int:
+    data = {"rows": {}, "columns": {}, "qcompile": {}, "average_bits": {}, "onnxruntime": {}}
+    for path in paths:
+        part = json.loads(Path(path).read_text())
+        for key in data:
+            for name, value in part.get(key, {}).items():
+                data[key][name] = {**data[key].get(name, {}), **value} if isinstance(value, dict) else value
+    cols = [c for c in COLUMNS if c in data["columns"]]
+    rows = [r for r in ROWS if r in data["qcompile"]]
+    results = {r: {c: data["qcompile"][r].get(c, "not run") for c in cols} for r in rows}
+    print(_table(results, rows, cols, data["onnxruntime"]))
+    out.write_text(json.dumps(data, indent=2) + "\n")
     return 0
 
 
 def _table(results, rows, cols, ort) -> str:
-    lines = ["| recipe | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    lines = ["| recipe | " + " | ".join(_col_label(c) for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for row in rows:
-        lines.append(f"| {row} | " + " | ".join(_fmt(results[row][c]) for c in cols) + " |")
+        lines.append(f"| {ROW_LABELS[row]} | " + " | ".join(_fmt(results[row][c]) for c in cols) + " |")
     if ort:
         lines += ["", "| onnxruntime quantizer | cosine |", "|---|---|"]
         lines += [f"| {k} | {v:.4f} |" for k, v in ort.items()]
     return "\n".join(lines)
+
+
+def _col_label(col: str) -> str:
+    """'gptq+both' -> 'GPTQ +reorder +hadamard' (what the column runs)."""
+    spec = COLUMNS[col]
+    return " ".join([spec.get("method", "rtn").upper()] + [f"+{p}" for p in spec.get("passes", ())])
 
 
 def _fmt(v) -> str:

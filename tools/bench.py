@@ -19,6 +19,8 @@ Parts:
    activations, and "A8" = int8 activations through VNNI, the scheme of onnxruntime
    MatMulNBits accuracy_level 4) vs onnxruntime MatMul fp32, onnxruntime int8 dynamic
    (quantize_dynamic), onnxruntime MatMulNBits 4-bit block 128 accuracy_level 4, torch eager.
+   "LUT W4/W2 g128": the T-MAC style lookup-table GEMV (backends/lut_kernels.py; compiled
+   models use it for batch-1 QLinears, --gemv-kernel auto).
 3. all-MiniLM-L6-v2, seq 128, batch 1 and 8: qcompile fp32 / W8 / W4 g32 / W4 g128 / W2 g32
    (weight-only, f32 activations) vs onnxruntime fp32, onnxruntime int8 dynamic, onnxruntime
    MatMulNBits 4-bit, torch eager, plain TVM fp32 (TVM's from_onnx + default tvm.compile on
@@ -50,8 +52,11 @@ GEMV_QVARIANTS = [("W8", 8, 0, True, False), ("W8A8", 8, 0, True, True),
                   ("W4 g32", 4, 32, False, False), ("W4A8 g32", 4, 32, False, True),
                   ("W4 g128", 4, 128, False, False), ("W4A8 g128", 4, 128, False, True),
                   ("W2 g128", 2, 128, False, False), ("W2A8 g128", 2, 128, False, True)]
+# T-MAC style lookup-table GEMV (backends/lut_kernels.py): label, bits, group, symmetric
+GEMV_LUT_VARIANTS = [("LUT W4 g128", 4, 128, False), ("LUT W2 g128", 2, 128, False)]
 MINILM_VARIANTS = [("qcompile fp32", 16, 0), ("qcompile W8", 8, 0), ("qcompile W4 g32", 4, 32),
-                   ("qcompile W4 g128", 4, 128), ("qcompile W2 g32", 2, 32)]
+                   ("qcompile W4 g128", 4, 128), ("qcompile W2 g32", 2, 32),
+                   ("qcompile W8A8 dynamic", 8, 0, 8)]  # optional 4th: act_bits
 
 
 # ---------------------------------------------------------------------------- bandwidth
@@ -151,6 +156,7 @@ def gemv_contenders(n, k, target, threads, tmp: Path) -> tuple[dict, dict]:
         func = kernels.qlinear_kernel(1, k, n, bits, group, sym, False, target, act_int8=a8)
         calls[f"qcompile {label}"] = _tvm_callable(func, [x, packed, scales, *zeros, out], target)
         nbytes[f"qcompile {label}"] = packed.nbytes + scales.nbytes * (1 + len(zeros))
+    _lut_contenders(x, out, target, rng, calls, nbytes)
     model = _matmul_model(w, 1)
     for label, blob, size in [("onnxruntime fp32", model.SerializeToString(), w.nbytes),
                               ("onnxruntime int8 dynamic", _ort_int8_dynamic(model, tmp), k * n),
@@ -166,6 +172,29 @@ def gemv_contenders(n, k, target, threads, tmp: Path) -> tuple[dict, dict]:
 
     calls["torch eager fp32"], nbytes["torch eager fp32"] = torch_call, w.nbytes
     return calls, nbytes
+
+
+def _lut_contenders(x, out, target, rng, calls, nbytes) -> None:
+    """Add the LUT GEMV variants (GEMV_LUT_VARIANTS) to ``calls`` / ``nbytes``: weight bytes are
+    the bit planes (same bytes as the packed codes) + per-group scales and offsets."""
+    import numpy as np
+
+    from qcompile import quant
+    from qcompile.backends import lut_kernels
+    from qcompile.schedules.lut import lut_isa
+
+    k, n = x.shape[1], out.shape[1]
+    for label, bits, group, sym in GEMV_LUT_VARIANTS:
+        if lut_kernels.lut_supported(k, n, bits, group, target) is not None:
+            continue
+        packed = quant.pack_codes(rng.integers(0, 1 << bits, (n, k), dtype=np.uint8), bits)
+        scales = rng.random((n, k // group), dtype=np.float32) * 0.01
+        zeros = None if sym else rng.integers(0, 1 << bits, (n, k // group)).astype(np.float32)
+        lut = lut_kernels.pack_lut_weights(packed, scales, zeros, bits, group, k, lut_isa(target).rows)
+        weights = lut_kernels.lut_arrays(lut)
+        func = lut_kernels.lut_gemv_kernel(k, n, bits, group, sym, False, target)
+        calls[f"qcompile {label}"] = _tvm_callable(func, [x, *weights, out], target)
+        nbytes[f"qcompile {label}"] = sum(a.nbytes for a in weights)
 
 
 def bench_gemv(args, target, bandwidth) -> list[dict]:
@@ -208,10 +237,11 @@ def minilm_contenders(batch, args, work: Path) -> dict:
     feeds = minilm.tokenize(sentences, 128)
     shapes = {name: (batch, 128) for name in minilm.INPUT_NAMES}
     calls, compile_s = {}, {}
-    for label, bits, group in MINILM_VARIANTS:
+    for label, bits, group, *act in MINILM_VARIANTS:
         start = time.perf_counter()
         art = qcompile.compile(onnx_path, output=work / f"{label.replace(' ', '_')}_b{batch}", bits=bits,
-                               group_size=group, shapes=shapes, num_threads=args.threads, verify=False)
+                               group_size=group, act_bits=act[0] if act else 16, shapes=shapes,
+                               num_threads=args.threads, verify=False)
         compile_s[label] = time.perf_counter() - start
         model = art.load(num_threads=args.threads)
         calls[label] = (lambda mdl: lambda: mdl(**feeds))(model)

@@ -5,9 +5,10 @@
 in a temporary directory, runs::
 
     LD_LIBRARY_PATH=<aarch64 runtime libs> TVM_NUM_THREADS=<n> \\
-        qemu-aarch64 -L /usr/aarch64-linux-gnu RUNNER model.so OUT_DIR in_0.npy ...
+        qemu-aarch64 -cpu max -L /usr/aarch64-linux-gnu RUNNER model.so OUT_DIR in_0.npy ...
 
-and reads ``OUT_DIR/output_<i>.npy`` back, in the order of ``output_names``. qemu translates
+and reads ``OUT_DIR/output_<i>.npy`` back, in the order of ``output_names``. ``-cpu max``
+emulates every extension a supported CPU may use (dotprod ``sdot``, i8mm ``smmla``). qemu translates
 every instruction: its timings say nothing about ARM hardware and are never reported.
 """
 
@@ -50,8 +51,8 @@ class QemuModule:
         self._runtime = runtime or toolchain.device_runtime()
 
     def command(self, out_dir, inputs) -> list[str]:
-        return [self._qemu, "-L", toolchain.SYSROOT, str(self.runner), str(self.library), str(out_dir),
-                *map(str, inputs)]
+        return [self._qemu, "-cpu", "max", "-L", toolchain.SYSROOT, str(self.runner), str(self.library),
+                str(out_dir), *map(str, inputs)]
 
     def __call__(self, feeds: dict) -> dict[str, np.ndarray]:
         missing = [n for n in self.input_names if n not in feeds]

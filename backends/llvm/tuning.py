@@ -1,4 +1,4 @@
-"""MetaSchedule tuning for the host llvm target: ``qcompile tune`` and builds with ``--db``.
+"""MetaSchedule tuning (host llvm; aarch64 over RPC): ``qcompile tune`` and builds with ``--db``.
 
 What is tuned: the PrimFuncs of the lowered module that are NOT marked ``tirx.is_scheduled``,
 i.e. the fused elementwise / reduction functions (softmax, layer norm, GELU chains, residual
@@ -14,6 +14,8 @@ Invariants:
 * a database is a MetaSchedule ``JSONDatabase`` directory (``database_workload.json``,
   ``database_tuning_record.json``, plus MetaSchedule's ``logs/``); records hold their target,
   and the default directory is per target (:func:`default_db_dir`, a hash of the target JSON);
+* candidates are measured on this machine, or with a farm (:mod:`qcompile.backends.rpc`) on
+  its RPC servers, linked for the target (aarch64 targets need a farm: nothing here runs them);
 * a tuned build applies, for each function the database has a valid record for, the best
   record's schedule *before* the rule-based scheduling (which skips functions so marked); the
   other functions fall back to the rules. A tuned build never searches.
@@ -83,11 +85,13 @@ def open_database(db_dir) -> ms.database.JSONDatabase:
 
 
 def tune(graph, target: tvm.target.Target, db_dir, trials: int, *, seed: int = 0,
-         progress: bool = True) -> dict:
+         progress: bool = True, farm=None) -> dict:
     """Tune every tunable function of ``graph`` with ``trials`` MetaSchedule trials each.
 
     Records go to the JSONDatabase in ``db_dir`` (existing records are kept: tuning again adds
     to them); MetaSchedule's logs to ``db_dir/logs`` (the console gets its warnings only). Returns a summary: ``{"db", "tasks": [{"name", "weight", "records"}], "trials"}``.
+    ``farm`` (a :class:`qcompile.backends.rpc.Farm`): measure on its RPC servers instead of
+    this machine, candidates linked for ``target`` (the only way to tune a cross target).
     """
     if trials < 1:
         raise ValueError(f"trials must be >= 1 (got {trials})")
@@ -95,6 +99,8 @@ def tune(graph, target: tvm.target.Target, db_dir, trials: int, *, seed: int = 0
     database = open_database(db_dir)
     tasks = tunable_tasks(prepare_module(graph, target), target)
     summary = {"db": str(db_dir), "trials": trials, "tasks": []}
+    if farm is not None:
+        summary["rpc"] = {"tracker": farm.address, "key": farm.key, "servers": farm.servers}
     if not tasks:
         logger.info("nothing to tune: every function has a hand schedule")
         return summary
@@ -102,14 +108,15 @@ def tune(graph, target: tvm.target.Target, db_dir, trials: int, *, seed: int = 0
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
         tasks, work_dir=str(db_dir), seed=seed, num_threads=max(1, os.cpu_count() or 1))
-    logger.info("tuning %d function(s), %d trials each, database %s", len(tasks), trials, db_dir)
+    logger.info("tuning %d function(s), %d trials each, database %s, measured %s", len(tasks), trials, db_dir,
+                f"on {farm.servers} RPC server(s) via {farm.address}" if farm else "here")
     bar = _ProgressBar(len(tasks) * trials) if progress else None
     try:
         ms.tune_tasks(
             tasks=contexts, task_weights=weights, work_dir=str(db_dir),
             max_trials_global=trials * len(tasks), max_trials_per_task=trials,
             num_trials_per_iter=min(trials, 64), database=database,
-            builder=ms.builder.LocalBuilder(f_build=_build_candidate, timeout_sec=BUILD_TIMEOUT_S),
+            builder=_builder(target, farm), runner=_runner(farm),
             measure_callbacks=ms.measure_callback.MeasureCallback.create("default") + ([bar] if bar else []),
         )
     finally:
@@ -120,6 +127,25 @@ def tune(graph, target: tvm.target.Target, db_dir, trials: int, *, seed: int = 0
         records = database.get_top_k(database.commit_workload(mod), trials) if database.has_workload(mod) else []
         summary["tasks"].append({"name": task.task_name, "weight": int(task.weight), "records": len(records)})
     return summary
+
+
+def _builder(target: tvm.target.Target, farm) -> ms.builder.LocalBuilder:
+    """Candidates built here; for a farm, linked into shared libraries its servers can load."""
+    if farm is None:
+        return ms.builder.LocalBuilder(f_build=_build_candidate, timeout_sec=BUILD_TIMEOUT_S)
+    from .. import rpc
+
+    return ms.builder.LocalBuilder(f_build=_build_candidate, f_export=rpc.exporter(target),
+                                   timeout_sec=BUILD_TIMEOUT_S)
+
+
+def _runner(farm):
+    """MetaSchedule's local runner, or its RPC runner over ``farm`` (one worker per server)."""
+    if farm is None:
+        return "local"
+    from .. import rpc
+
+    return rpc.make_runner(farm)
 
 
 def _build_candidate(mod: tvm.IRModule, target: tvm.target.Target, _params):

@@ -328,13 +328,16 @@ def convert_node(ctx, node: onnx.NodeProto) -> None:
     """Convert one ONNX node (or fold it), binding its outputs in ``ctx``."""
     from .onnx_fold import FOLDERS, fold_with_reference
     from .onnx_nn import NN_CONVERTERS
+    from .onnx_qoperator import QOP_CONVERTERS, QOP_DOMAIN_CONVERTERS
     from .onnx_quant import QUANT_CONVERTERS, QUANT_DOMAIN_CONVERTERS
 
     attrs = attrs_of(node)
     if node.domain not in ("", "ai.onnx"):
-        convert = _DOMAIN_CONVERTERS.get((node.domain, node.op_type)) or QUANT_DOMAIN_CONVERTERS.get((node.domain, node.op_type))
+        convert = (_DOMAIN_CONVERTERS.get((node.domain, node.op_type)) or QUANT_DOMAIN_CONVERTERS.get((node.domain, node.op_type))
+                   or QOP_DOMAIN_CONVERTERS.get((node.domain, node.op_type)))
     else:
-        convert = (QUANT_CONVERTERS.get(node.op_type) or CONVERTERS.get(node.op_type) or NN_CONVERTERS.get(node.op_type)
+        convert = (QOP_CONVERTERS.get(node.op_type) or QUANT_CONVERTERS.get(node.op_type)
+                   or CONVERTERS.get(node.op_type) or NN_CONVERTERS.get(node.op_type)
                    or FOLDERS.get(node.op_type))
     if convert is not None:
         convert(ctx, node, attrs)

@@ -26,8 +26,7 @@ Rewrites (each refuses with :class:`UnsupportedOpError` outside the stated case)
    against the input (see :mod:`qcompile.ops`). int4/uint4 use int8/uint8 storage with
    qmin/qmax saturation bounds.
 4. ``DynamicQuantizeLinear`` -> the IR op (three outputs); ``MatMulInteger`` -> the IR op
-   with int32 accumulation; ``QLinearMatMul`` -> DequantizeLinear x2 + MatMul +
-   QuantizeLinear (float accumulation: exact up to float reassociation, see the report).
+   with int32 accumulation. (QLinearMatMul and the other QOperator ops: :mod:`.onnx_qoperator`.)
 """
 
 from __future__ import annotations
@@ -282,33 +281,9 @@ def _matmul_integer(ctx, node, attrs):
                   "bits": 8, "dtype": f"{ctx.type_of(a).dtype} x {ctx.type_of(b).dtype} -> int32"})
 
 
-def _qlinear_matmul(ctx, node, attrs):
-    """QLinearMatMul(a, a_s, a_zp, b, b_s, b_zp, y_s, y_zp) = Q(DQ(a) @ DQ(b))."""
-    a = _dq_named(ctx, node, 0, 1, 2)
-    b = _dq_named(ctx, node, 3, 4, 5)
-    y = ctx.emit("MatMul", [a, b])[0]
-    y_s, y_zp = need_const(ctx, node, 6, "y_scale"), need_const(ctx, node, 7, "y_zero_point")
-    zp, logical = _as_storage(y_zp, ctx, node)
-    qmin, qmax, storage = QRANGE[logical]
-    shape = ctx.type_of(y).shape
-    s = ctx.new_const(f"{ctx.current}_y_scale", expand_qparam(y_s.astype(np.float32), shape, len(shape) - 1, 0))
-    z = ctx.new_const(f"{ctx.current}_y_zero_point", expand_qparam(zp, shape, len(shape) - 1, 0))
-    ctx.emit("QuantizeLinear", [y, s, z], {"qmin": qmin, "qmax": qmax, "dtype": storage}, [node.output[0]])
-
-
-def _dq_named(ctx, node, xi, si, zi):
-    x = inp(ctx, node, xi)
-    shape = ctx.type_of(x).shape
-    scale, zp = need_const(ctx, node, si, "scale"), need_const(ctx, node, zi, "zero point")
-    axis = None if scale.size == 1 else len(shape) - 1 if xi == 3 else len(shape) - 2
-    s = ctx.new_const(f"{ctx.current}_s{xi}", expand_qparam(scale.astype(np.float32), shape, axis, 0))
-    z = ctx.new_const(f"{ctx.current}_z{xi}", expand_qparam(_as_storage(zp, ctx, node)[0], shape, axis, 0))
-    return ctx.emit("DequantizeLinear", [x, s, z])[0]
-
-
 QUANT_CONVERTERS = {
     "QuantizeLinear": _quantize_linear, "DequantizeLinear": _dequantize_linear,
     "MatMul": _matmul_or_qlinear, "DynamicQuantizeLinear": _dynamic_quantize_linear,
-    "MatMulInteger": _matmul_integer, "QLinearMatMul": _qlinear_matmul,
+    "MatMulInteger": _matmul_integer,
 }
 QUANT_DOMAIN_CONVERTERS = {("com.microsoft", "MatMulNBits"): _matmul_nbits}

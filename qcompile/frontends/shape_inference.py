@@ -17,6 +17,7 @@ import numpy as np
 from ..errors import ModelFormatError, ShapeError, UnsupportedOpError
 from ..ir import Graph, Node, TensorType
 from ..ops import ELEMENTWISE_BINARY, ELEMENTWISE_UNARY, REDUCTIONS
+from .shape_qoperator import QOPERATOR_RULES
 from .shape_quant import QUANT_MULTI_RULES, QUANT_RULES
 
 __all__ = ["infer_types", "broadcast_shapes"]
@@ -58,7 +59,7 @@ def infer_types(graph: Graph, node: Node) -> list[TensorType]:
         return [TensorType(shape, ins[0].dtype)]
     if op in QUANT_MULTI_RULES:
         return QUANT_MULTI_RULES[op](graph, node, ins)
-    rule = _RULES.get(op) or QUANT_RULES.get(op)
+    rule = _RULES.get(op) or QUANT_RULES.get(op) or QOPERATOR_RULES.get(op)
     if rule is None:
         raise UnsupportedOpError(op, node.name, "no shape rule")
     return [rule(graph, node, ins)]

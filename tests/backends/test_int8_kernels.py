@@ -95,3 +95,14 @@ def test_static_scale_kernel_and_pack_layout(target):
     (y,), _ = _run(K.int8_linear_kernel(4, 8, 32, False, False, vnni, target),
                    [u, xs1, K.pack_vnni(w) if vnni else w, ws, corr], [((4, 32), "float32")], target)
     np.testing.assert_allclose(y, int8_linear(u, xs1, w, ws), rtol=1e-5, atol=1e-5)
+
+
+def test_quantize_rows_codegen_is_vector(target):
+    """The codes loop stays one vector loop: rounding is a vector round (not a scalarized
+    ``nearbyint`` that LLVM re-vectorizes across rows with gathers)."""
+    if not K.vnni_supported(target):
+        pytest.skip("host has no AVX-512")
+    _, lib = _run(K.quantize_rows_kernel(8, 64, target), [np.ones((8, 64), np.float32)],
+                  [((8, 64), "uint8"), ((8, 1), "float32")], target)
+    asm = lib.mod.inspect_source("asm")
+    assert "vrndscaleps" in asm and "vgather" not in asm

@@ -10,7 +10,7 @@ from qcompile.interpreter import run
 from qcompile.ir import Graph, Node, TensorType, verify
 from qcompile.passes import QuantizeWeightsPass, WeightQuantConfig
 from qcompile.passes.calibrate import collect_statistics
-from qcompile.passes.gptq import GPTQPass, gptq_quantize, hessian_error
+from qcompile.passes.gptq import GPTQPass, GPTQRoundWeightsPass, gptq_quantize, hessian_error
 from qcompile.passes.rtn import quantize_and_pack
 from qcompile.quant import pack_codes, unpack_codes
 
@@ -34,7 +34,7 @@ def test_gptq_beats_rtn_in_hessian_norm(bits, group, sym, act_order):
     x, w = _correlated()
     h = x.astype(np.float64).T @ x / T
     rtn = quantize_and_pack(w, bits, group, sym, clip_search=True)
-    gq = gptq_quantize(w, h, bits, group, sym, act_order=act_order)
+    gq = gptq_quantize(w, h, bits, group, sym, True, act_order=act_order)  # both with clip search
     assert hessian_error(w, gq.dequantize(), h) < 0.7 * hessian_error(w, rtn.dequantize(), h)
     # the layout is QLinear's: codes in range, scales/zeros [N, G]
     groups = K // (group or K)
@@ -98,6 +98,37 @@ def test_gptq_pass_without_stats_falls_back_to_rtn():
     assert [r["method"] for r in gq.metadata["quant_recipe"]] == ["rtn", "rtn"]
     for name in rtn_g.constants:
         np.testing.assert_array_equal(gq.constants[name], rtn_g.constants[name])
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_pinned_extremes_survive_absmax_requantization(bits):
+    from qcompile.passes.quantize_activations import quantize_weight_per_channel
+
+    x, w = _correlated(4)
+    h = x.astype(np.float64).T @ x / T
+    wq = gptq_quantize(w, h, bits, 0, True, True, pin_extremes=True).dequantize()
+    qmax = 2 ** (bits - 1) - 1
+    q, scale = quantize_weight_per_channel(wq, bits, clip_search=True)
+    np.testing.assert_allclose(q * scale, wq, rtol=1e-6, atol=1e-7)  # the W8A8/W4A8 grid reproduces GPTQ
+    assert np.all(np.abs(q).max(axis=0) == qmax)
+    rtn_q, rtn_s = quantize_weight_per_channel(w, bits, clip_search=True)
+    assert hessian_error(w, wq, h) < 0.7 * hessian_error(w, rtn_q * rtn_s, h)
+    with pytest.raises(InputError, match="per-channel"):
+        gptq_quantize(w, h, bits, 32, True, pin_extremes=True, name="fc")
+
+
+def test_round_weights_pass_keeps_float_linears_and_lowers_output_error():
+    from qcompile.passes.quantize_activations import ActQuantConfig, QuantizeActivationsPass
+
+    g = _mlp()
+    feeds = {"x": _correlated(3)[0]}
+    result = GPTQRoundWeightsPass(collect_statistics(g, [feeds]), 4)(g)
+    assert result.modified and result.graph.metadata["gptq_rounded"] == ["fc1", "fc2"]
+    assert [(n.op, n.name) for n in result.graph.nodes] == [(n.op, n.name) for n in g.nodes]
+    act = ActQuantConfig(weight_bits=4)
+    ref = run(g, feeds)["y"]
+    err = lambda q: float(np.sum((run(QuantizeActivationsPass(act)(q).graph, feeds)["y"] - ref) ** 2))  # noqa: E731
+    assert err(result.graph) < err(g)
 
 
 def _minilm(onnx_path, batch):

@@ -126,3 +126,31 @@ def test_minilm_mixed_precision_2_5_bits(minilm_onnx, minilm_feeds):
     cos_w2 = mean_cosine(ref, run(QuantizeWeightsPass(cfg)(g).graph, held_out)["embedding"])
     print(f"MiniLM g128 held-out cosine: uniform W2 {cos_w2:.4f}, mixed 2.5-bit average {cos_mixed:.4f}")
     assert cos_mixed > cos_w2
+
+
+def test_output_measured_sensitivity_matches_a_direct_run():
+    """With feeds, s[l, lowest] is the model-output squared error with only layer l quantized."""
+    from qcompile.interpreter import run
+    from qcompile.passes import QuantizeWeightsPass
+
+    g = _mlp()
+    feed = {"x": np.random.default_rng(6).standard_normal((T, K)).astype(np.float32)}
+    cfg = WeightQuantConfig(bits=4, group_size=32)
+    q = MixedPrecisionPass(cfg, _stats(g), avg_bits=3, feeds=[feed])(g).graph
+    mp = q.metadata["mixed_precision"]
+    assert mp["objective"] == "sum of measured model-output errors"
+    ref = run(g, feed)["y"].astype(np.float64)
+    for layer in ("fc1", "fc3"):
+        only = WeightQuantConfig(bits=2, group_size=32, exclude=tuple({"fc1", "fc2", "fc3"} - {layer}))
+        alone = QuantizeWeightsPass(only)(g).graph
+        direct = float(np.sum((run(alone, feed)["y"] - ref) ** 2))
+        assert mp["layers"][layer]["sensitivity"]["2"] == pytest.approx(direct, rel=1e-3)
+
+
+def test_fixed_bits_layers_keep_their_width():
+    g = _mlp()
+    q = MixedPrecisionPass(WeightQuantConfig(bits=4, group_size=32), _stats(g), avg_bits=3,
+                           fixed_bits={"fc1": 4})(g).graph
+    layers = q.metadata["mixed_precision"]["layers"]
+    assert layers["fc1"]["bits"] == 4 and list(layers["fc1"]["sensitivity"]) == ["4"]
+    assert q.metadata["mixed_precision"]["average_bits"] <= 3

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from qcompile.errors import InputError
-from qcompile.passes.rtn import quantize_and_pack, quantize_rtn, relative_error
+from qcompile.passes.rtn import DEFAULT_CLIP_RATIOS, clip_ratios, quantize_and_pack, quantize_rtn, relative_error
 from qcompile.quant import unpack_codes
 
 K, N = 256, 24
@@ -122,3 +122,16 @@ def _minilm_linear_weights():
     names = [n for n in tensors if n.startswith("encoder.") and n.endswith(".weight") and tensors[n].ndim == 2]
     assert len(names) == 36
     return [np.ascontiguousarray(tensors[n].T) for n in names]  # torch stores [N, K]
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_low_bit_grid_reaches_lower_ratios_and_lower_error(bits):
+    assert clip_ratios(bits)[0] == 1.0 and min(clip_ratios(bits)) < 0.5 and clip_ratios(4) == DEFAULT_CLIP_RATIOS
+    w = _weight(3)
+    err = {}
+    for label, ratios in (("narrow", DEFAULT_CLIP_RATIOS), ("default", None)):
+        pw = quantize_and_pack(w, bits, 32, False, True, ratios=ratios)
+        err[label] = relative_error(w, pw.dequantize())
+    assert err["default"] <= err["narrow"]  # a superset of the 4-bit grid
+    if bits == 2:
+        assert err["default"] < err["narrow"]
