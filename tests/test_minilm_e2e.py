@@ -55,3 +55,33 @@ def test_dynamic_axes_need_binding(minilm_onnx):
 
     with pytest.raises(ShapeError, match="input_ids.*batch"):
         load_onnx(minilm_onnx)
+
+
+def test_w8a8_integer_only_is_bit_exact_float_free_and_close(tmp_path, minilm_onnx, minilm_feeds, reference):
+    """Acceptance of the integer-only path on MiniLM: compiled == numpy integer reference bit for
+    bit, no float op outside the two boundary kernels, embeddings close to float."""
+    from qcompile.backends.integer_lowering import BOUNDARY_KERNELS, float_primfuncs
+    from qcompile.backends.llvm.target import host_target, relax_pipeline
+    from qcompile.backends.relax_lowering import lower_graph
+    from qcompile.config import CompileConfig
+    from qcompile.pipeline import optimize
+
+    count = 8
+    feeds = {k: v[:count] for k, v in minilm_feeds.items()}
+    shapes = {name: (count, 128) for name in minilm.INPUT_NAMES}
+    calib = minilm.tokenize(minilm.CALIB_SENTENCES[:16], 128)
+    options = dict(bits=8, act_bits=8, integer_only=True, shapes=shapes)
+    art = qcompile.compile(minilm_onnx, output=tmp_path / "art", eval_inputs=feeds, calib_inputs=calib, **options)
+    check = art.manifest["accuracy"]["embedding"]
+    assert check["compiled_vs_fake_quant"]["max_abs_error"] == 0.0
+    got = qcompile.load(art.path)(**feeds)
+    assert _cosine(reference[:count], got) >= 0.98
+
+    from qcompile.driver import import_model
+
+    graph, _ = import_model(str(minilm_onnx), shapes=shapes)
+    _, ig = optimize(graph, CompileConfig(**options), calib)
+    assert not {n.op for n in ig.nodes} & {"LayerNorm", "Softmax", "MatMul", "Erf", "Linear", "Int8Linear"}
+    target = host_target()
+    floats = float_primfuncs(relax_pipeline(target)(lower_graph(ig, target)))
+    assert all(name.startswith(BOUNDARY_KERNELS) for name in floats), floats

@@ -44,7 +44,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from qcompile.timing import median_ms, time_contenders
+from qcompile.timing import time_contenders
 
 GEMV_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (n = out, k = in)
 # label, bits, group, symmetric, int8 activations
@@ -56,7 +56,10 @@ GEMV_QVARIANTS = [("W8", 8, 0, True, False), ("W8A8", 8, 0, True, True),
 GEMV_LUT_VARIANTS = [("LUT W4 g128", 4, 128, False), ("LUT W2 g128", 2, 128, False)]
 MINILM_VARIANTS = [("qcompile fp32", 16, 0), ("qcompile W8", 8, 0), ("qcompile W4 g32", 4, 32),
                    ("qcompile W4 g128", 4, 128), ("qcompile W2 g32", 2, 32),
-                   ("qcompile W8A8 dynamic", 8, 0, 8)]  # optional 4th: act_bits
+                   ("qcompile W8A8 dynamic", 8, 0, {"act_bits": 8}),
+                   ("qcompile W8A8 static", 8, 0, {"act_bits": 8, "act_mode": "static"}),
+                   ("qcompile W8A8 integer-only", 8, 0, {"act_bits": 8, "integer_only": True})]
+# optional 4th element: more CompileConfig fields; static scales calibrate on CALIB_SENTENCES
 
 
 # ---------------------------------------------------------------------------- bandwidth
@@ -223,6 +226,13 @@ def _print_gemv(rows, bandwidth):
 
 
 # ---------------------------------------------------------------------------- MiniLM
+def _calibration(batch: int) -> dict:
+    """Calibration inputs of the static-scale variants: 16 held-out sentences, in batches of ``batch``."""
+    from qcompile.models import minilm
+
+    return minilm.tokenize(minilm.CALIB_SENTENCES[:16 // batch * batch], 128)
+
+
 def minilm_contenders(batch, args, work: Path) -> dict:
     import numpy as np
     import onnx
@@ -237,11 +247,13 @@ def minilm_contenders(batch, args, work: Path) -> dict:
     feeds = minilm.tokenize(sentences, 128)
     shapes = {name: (batch, 128) for name in minilm.INPUT_NAMES}
     calls, compile_s = {}, {}
-    for label, bits, group, *act in MINILM_VARIANTS:
+    for label, bits, group, *extra in MINILM_VARIANTS:
+        options = extra[0] if extra else {}
+        static = options.get("act_mode") == "static" or options.get("integer_only")
         start = time.perf_counter()
         art = qcompile.compile(onnx_path, output=work / f"{label.replace(' ', '_')}_b{batch}", bits=bits,
-                               group_size=group, act_bits=act[0] if act else 16, shapes=shapes,
-                               num_threads=args.threads, verify=False)
+                               group_size=group, shapes=shapes, num_threads=args.threads, verify=False,
+                               calib_inputs=_calibration(batch) if static else None, **options)
         compile_s[label] = time.perf_counter() - start
         model = art.load(num_threads=args.threads)
         calls[label] = (lambda mdl: lambda: mdl(**feeds))(model)

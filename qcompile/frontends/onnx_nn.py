@@ -145,14 +145,19 @@ def _explicit_pads(ctx, node, attrs, spatial, kernel, strides, dilations):
     return tuple(begin + end)
 
 
-def _conv(ctx, node, attrs):
-    x, w = inp(ctx, node, 0), inp(ctx, node, 1)
+def conv_geometry(ctx, node, attrs, x: str, w: str) -> tuple[tuple, tuple, tuple]:
+    """(strides, explicit pads, dilations) of a Conv-like ONNX node (auto_pad resolved)."""
     xs, ws = ctx.type_of(x).shape, ctx.type_of(w).shape
     r = len(xs) - 2
     kernel = tuple(attrs.get("kernel_shape", ws[2:]))
     strides = tuple(attrs.get("strides", (1,) * r))
     dilations = tuple(attrs.get("dilations", (1,) * r))
-    pads = _explicit_pads(ctx, node, attrs, xs[2:], kernel, strides, dilations)
+    return strides, _explicit_pads(ctx, node, attrs, xs[2:], kernel, strides, dilations), dilations
+
+
+def _conv(ctx, node, attrs):
+    x, w = inp(ctx, node, 0), inp(ctx, node, 1)
+    strides, pads, dilations = conv_geometry(ctx, node, attrs, x, w)
     inputs = [x, w] + ([inp(ctx, node, 2)] if inp(ctx, node, 2) else [])
     out_attrs = {"strides": strides, "pads": pads, "dilations": dilations, "group": int(attrs.get("group", 1))}
     ctx.emit("Conv", inputs, out_attrs, [node.output[0]])

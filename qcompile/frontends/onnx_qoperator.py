@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import UnsupportedOpError
-from .onnx_nn import _explicit_pads
+from .onnx_nn import _explicit_pads, conv_geometry
 from .onnx_ops import inp, need_const
 from .onnx_quant import QRANGE, _as_storage, _recipe
 from .qoperator_tables import lookup_table, mlas_logistic
@@ -92,12 +92,8 @@ def _record(ctx, op: str, source: str, **extra) -> None:
 # ---------------------------------------------------------------------------- convolution
 def _conv_integer_node(ctx, node, attrs, x, w, x_zp, w_zp, out: str = "") -> str:
     """Emit ``ConvInteger(x, w, x_zp, w_zp)`` with explicit pads; returns the int32 output."""
-    xs, ws = ctx.type_of(x).shape, ctx.type_of(w).shape
-    r = len(xs) - 2
-    kernel = tuple(attrs.get("kernel_shape", ws[2:]))
-    strides = tuple(attrs.get("strides", (1,) * r))
-    dilations = tuple(attrs.get("dilations", (1,) * r))
-    pads = _explicit_pads(ctx, node, attrs, xs[2:], kernel, strides, dilations)
+    ws = ctx.type_of(w).shape
+    strides, pads, dilations = conv_geometry(ctx, node, attrs, x, w)
     if w_zp is not None and np.asarray(w_zp).size not in (1, ws[0]):
         raise UnsupportedOpError(node.op_type, ctx.current, "w_zero_point must be per tensor or per output channel")
     ins = [x, w,

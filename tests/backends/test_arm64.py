@@ -196,6 +196,24 @@ def test_minilm_w4_g32_under_qemu_matches_host(tmp_path, arm64_env, minilm_onnx)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-3)
 
 
+@pytest.mark.slow
+def test_minilm_w8a8_integer_only_under_qemu_is_bit_exact(tmp_path, arm64_env, minilm_onnx):
+    """Issue 6, acceptance 1: integer-only MiniLM (sdot GEMMs on cortex-a76) under qemu equals the
+    host artifact bit for bit; the host artifact equals the numpy integer reference (its
+    compile-time check, compiled_vs_fake_quant, is exact)."""
+    from qcompile.models import minilm
+
+    feeds = minilm.tokenize(minilm.SENTENCES[:1], 128)
+    shapes = {name: (1, 128) for name in minilm.INPUT_NAMES}
+    calib = minilm.tokenize(minilm.CALIB_SENTENCES[:8], 128)
+    opts = dict(bits=8, act_bits=8, integer_only=True, shapes=shapes, calib_inputs=calib)
+    host = qcompile.compile(minilm_onnx, output=tmp_path / "host", eval_inputs=feeds, **opts)
+    assert host.manifest["accuracy"]["embedding"]["compiled_vs_fake_quant"]["max_abs_error"] == 0.0
+    arm = qcompile.compile(minilm_onnx, output=tmp_path / "arm", target="arm64", cpu="cortex-a76", verify=False,
+                           **opts)
+    np.testing.assert_array_equal(arm.load()(**feeds), host.load()(**feeds))
+
+
 # Max abs difference of the embedding, arm64 under qemu vs the host artifact. Measured
 # (1 sentence, seq 32): dynamic 3.0e-8, qdq 1.5e-8, nbits32 1.1e-7, nbits128 1.3e-7 -- float
 # summation order only (NEON vs AVX); 1e-6 leaves ~8x margin. No activation code flips.

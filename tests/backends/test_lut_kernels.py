@@ -7,9 +7,7 @@ toolchain unless ``QCOMPILE_REQUIRE_ARM64=1``).
 
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -177,21 +175,9 @@ def test_choose_m1_kernel():
 
 # ---------------------------------------------------------------------------- aarch64 (qemu)
 def _arm64_or_skip():
-    from qcompile.backends.arm64 import toolchain
-    from qcompile.errors import ToolchainError
+    from arm64_helpers import arm64_runtime_or_skip
 
-    missing = [t for t in (toolchain.CXX, toolchain.OBJDUMP, toolchain.QEMU) if toolchain.find_tool(t) is None]
-    if not Path(toolchain.SYSROOT, "lib").is_dir():
-        missing.append(toolchain.SYSROOT)
-    reason = f"arm64 toolchain missing: {', '.join(missing)}" if missing else None
-    if reason is None:
-        try:
-            return toolchain.device_runtime()
-        except ToolchainError as err:
-            reason = f"aarch64 TVM runtime unavailable: {err}"
-    if os.environ.get("QCOMPILE_REQUIRE_ARM64"):
-        pytest.fail(reason)
-    pytest.skip(reason)
+    return arm64_runtime_or_skip()
 
 
 @pytest.mark.parametrize("bits,symmetric", [(2, True), (3, False), (4, False)])

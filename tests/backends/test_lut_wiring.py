@@ -11,7 +11,6 @@ the dequant GEMV. The aarch64 build (skipped without the toolchain unless
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from qcompile.backends.relax_lowering import lower_graph
 from qcompile.cli import main as cli_main
 from qcompile.config import CompileConfig
 from qcompile.driver import import_model
-from qcompile.errors import InputError, ToolchainError
+from qcompile.errors import InputError
 from qcompile.interpreter import run
 from qcompile.pipeline import optimize
 from qcompile.schedules.lut import lut_isa
@@ -167,20 +166,9 @@ def test_gemv_kernel_option_is_checked(tmp_path, mlp, capsys):
 
 # ---------------------------------------------------------------------------- aarch64
 def _arm64_or_skip():
-    from qcompile.backends.arm64 import toolchain
+    from arm64_helpers import arm64_runtime_or_skip
 
-    missing = [t for t in (toolchain.CXX, toolchain.OBJDUMP, toolchain.QEMU) if toolchain.find_tool(t) is None]
-    if not Path(toolchain.SYSROOT, "lib").is_dir():
-        missing.append(toolchain.SYSROOT)
-    reason = f"arm64 toolchain missing: {', '.join(missing)}" if missing else None
-    if reason is None:
-        try:
-            return toolchain.device_runtime()
-        except ToolchainError as err:
-            reason = f"aarch64 TVM runtime unavailable: {err}"
-    if os.environ.get("QCOMPILE_REQUIRE_ARM64"):
-        pytest.fail(reason)
-    pytest.skip(reason)
+    return arm64_runtime_or_skip()
 
 
 def test_arm64_uses_tbl_and_matches_under_qemu(tmp_path, mlp):

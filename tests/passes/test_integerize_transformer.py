@@ -109,21 +109,18 @@ def test_tiny_bert_becomes_integer_only_and_stays_close(tiny_bert):
 
 @pytest.mark.slow
 def test_tiny_bert_compiled_is_bit_exact_and_float_free(tiny_bert):
+    import tvm
+
     from qcompile.backends.integer_lowering import BOUNDARY_KERNELS, float_primfuncs
-    from qcompile.backends.llvm import target as llvm_target
+    from qcompile.backends.llvm.target import build, host_target, relax_pipeline
     from qcompile.backends.relax_lowering import lower_graph
-    from qcompile.backends.runtime import HostModule
 
     graph, feeds = tiny_bert
     ig, samples = _integer_graph(graph, feeds)
-    target = llvm_target.host_target()
-    mod = lower_graph(ig, target)
-    with target:
-        lowered = __import__("tvm").transform.Sequential(llvm_target.front_passes(target)
-                                                          + llvm_target.schedule_passes(target))(mod)
-    floats = {k: v for k, v in float_primfuncs(lowered).items() if not k.startswith(BOUNDARY_KERNELS)}
-    assert not floats
-    module = HostModule(llvm_target.build(ig, target), ig.inputs, ig.outputs)
+    target = host_target()
+    floats = float_primfuncs(relax_pipeline(target)(lower_graph(ig, target)))
+    assert all(name.startswith(BOUNDARY_KERNELS) for name in floats), floats
+    vm = tvm.relax.VirtualMachine(build(ig, target), tvm.cpu())
     for feed in samples:
-        ref = interpreter.run(ig, feed, keep_all=True)
-        np.testing.assert_array_equal(module.run(feed)["embedding"], ref["embedding"])
+        got = vm["main"](*(tvm.runtime.tensor(feed[n]) for n in ig.inputs))[0].numpy()
+        np.testing.assert_array_equal(got, interpreter.run(ig, feed)["embedding"])
