@@ -31,6 +31,9 @@ Rewrites, in graph order:
 7. ``Reshape Transpose Slice Expand Identity Concat``: data movement on codes (an acc with
    per-channel scales is first requantized to codes by ``ranges``).
 8. Each float graph output gets ``DequantizeLinear(int, scale, zero)`` (the output boundary).
+9. Transformer ops (embedding tables, scalar and per-channel rescales, integer Mul/Div,
+   nonlinear elementwise chains as lookup tables, attention matmuls, masks, Softmax, LayerNorm,
+   ReduceSum/ReduceL2): the rules of :mod:`.integerize_nn`, mixed into the rewriter.
 
 Boundary (the only float arithmetic left): the static ``QuantizeAct`` of each float graph input
 (float -> int8 codes, inserted from ``ranges`` when absent) and the final ``DequantizeLinear``.
@@ -45,7 +48,6 @@ boundary ops is an integer tensor.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -54,6 +56,7 @@ from qcompile.interpreter_integer import dyadic
 from qcompile.ir import Graph, Node, TensorType
 
 from .base import Pass, PassResult
+from .integerize_nn import IntValue as _Int
 from .integerize_nn import TransformerRules
 from .quantize_activations import quantize_weight_per_channel
 
@@ -65,21 +68,6 @@ BOUNDARY_OPS = ("QuantizeAct", "DequantizeLinear")
 _MOVES = ("Reshape", "Transpose", "Slice", "Expand", "Identity")
 _INT32_MAX = 2**31 - 1
 _ADD_BITS = 24  # resolution of a residual sum: its calibrated range in 2**24 steps
-
-
-@dataclass(frozen=True)
-class _Int:
-    """Integer representation of one float value: new name, kind, scale (float64), axis."""
-
-    name: str
-    kind: str  # "codes" | "acc"
-    scale: np.ndarray
-    axis: int = -1
-    bound: int | None = None  # known largest |integer| (e.g. softmax probabilities), if any
-
-    @property
-    def per_tensor(self) -> bool:
-        return self.scale.size == 1
 
 
 def _is_float(dtype: str) -> bool:

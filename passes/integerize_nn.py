@@ -31,6 +31,7 @@ calibrated range exists to requantize them, a nonlinear chain with more than one
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -39,7 +40,7 @@ from qcompile.interpreter_integer import CODE_ZERO, dyadic
 from qcompile.interpreter_integer_nn import SOFTMAX_OUT_BITS
 from qcompile.ir import Node
 
-__all__ = ["TransformerRules", "LUT_OPS", "NONLINEAR_OPS"]
+__all__ = ["TransformerRules", "IntValue", "LUT_OPS", "NONLINEAR_OPS"]
 
 LUT_OPS = frozenset("Add Sub Mul Div Erf Tanh Sigmoid Exp Relu Gelu Sqrt Neg Abs Pow Clip".split())
 NONLINEAR_OPS = frozenset("Erf Tanh Sigmoid Exp Gelu Sqrt Pow".split())
@@ -49,6 +50,21 @@ SENTINEL = 1e30
 EXP_STEPS = 256  # IntSoftmax table: exp(-i / 256), i < 16 * 256
 EXP_TABLE = 16 * EXP_STEPS
 _SMALL = 1 << 16  # int32 operands of IntMatMul up to this magnitude are used as they are
+
+
+@dataclass(frozen=True)
+class IntValue:
+    """Integer representation of one float value: new name, kind, scale (float64), axis."""
+
+    name: str
+    kind: str  # "codes" | "acc"
+    scale: np.ndarray
+    axis: int = -1
+    bound: int | None = None  # known largest |integer| (e.g. softmax probabilities), if any
+
+    @property
+    def per_tensor(self) -> bool:
+        return self.scale.size == 1
 
 
 def _scalar(g, name: str) -> float | None:
@@ -76,21 +92,17 @@ class TransformerRules:
 
     def per_tensor_int32(self, value: str, node: Node):
         """``value`` as int32 with one scale (per-channel accumulators are requantized)."""
-        from .integerize import _Int  # noqa: PLC0415  (the rewriter's record type; no cycle at import)
-
         src = self.get(value, node)
         if not src.per_tensor:
             src = self.requantize(src, "acc", self.fine_scale(value, node), value)
         if src.kind == "codes":
-            return _Int(self.to_int32(src, value), "acc", src.scale, bound=127)
+            return IntValue(self.to_int32(src, value), "acc", src.scale, bound=127)
         return src
 
     def codes_int32(self, value: str, node: Node):
         """``value`` as int32 ``codes - 128`` (8-bit magnitude)."""
-        from .integerize import _Int  # noqa: PLC0415
-
         src = self.codes(value, node)
-        return _Int(self.to_int32(src, value), "acc", src.scale, bound=127)
+        return IntValue(self.to_int32(src, value), "acc", src.scale, bound=127)
 
     # -- leaves: nodes without integer inputs that produce float ----------------------
     def leaf_rule(self, node: Node):
@@ -123,12 +135,10 @@ class TransformerRules:
 
     # -- scalar scale changes and elementwise integer arithmetic ------------------------
     def _rescaled(self, node: Node, factor: float) -> None:
-        from .integerize import _Int  # noqa: PLC0415
-
         if not factor > 0:
             raise UnsupportedOpError(node.op, node.name, f"--integer-only: scalar factor {factor} is not positive")
         src = self.get(node.inputs[0], node)
-        self.rep[node.outputs[0]] = _Int(src.name, src.kind, src.scale * factor, src.axis, src.bound)
+        self.rep[node.outputs[0]] = IntValue(src.name, src.kind, src.scale * factor, src.axis, src.bound)
 
     def _r_Mul(self, node: Node) -> None:
         a, b = node.inputs
@@ -156,13 +166,11 @@ class TransformerRules:
         return vec if np.all(vec > 0) else None
 
     def _rescaled_channels(self, node: Node, x: str, vec: np.ndarray) -> None:
-        from .integerize import _Int  # noqa: PLC0415
-
         src = self.get(x, node)
         rank = len(self.g.type_of(x).shape)
         if not src.per_tensor and src.axis % rank != rank - 1:
             src = self.requantize(src, "acc", self.fine_scale(x, node), x)
-        self.rep[node.outputs[0]] = _Int(src.name, src.kind, src.scale * vec, rank - 1)
+        self.rep[node.outputs[0]] = IntValue(src.name, src.kind, src.scale * vec, rank - 1)
 
     def _r_Div(self, node: Node) -> None:
         a, b = node.inputs
