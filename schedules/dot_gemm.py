@@ -72,14 +72,7 @@ def schedule_dot_gemm(sch, block: str, epilogue: str, *, mr: int, nv: int, lanes
     jo, jv, ji = sch.split(j, [None, nv, lanes])
     ro, ri = sch.split(r, [None, 4])
     sch.reorder(jo, io, ro, ii, jv, ji, ri)
-    epi = sch.get_sblock(epilogue)
-    sch.reverse_compute_at(epi, io)
-    sch.set_scope(mm, 0, "local")
-    sch.parallel(sch.fuse(jo, io))
-    init = sch.decompose_reduction(mm, ro)
-    sch.tensorize(ji, intrin)
-    sch.unroll(ii)
-    sch.unroll(jv)
+    init, epi = _tensorize_tiles(sch, mm, epilogue, (jo, io, ro, ii, jv, ji), intrin)
     *_, row, vec, lane = sch.get_loops(init)  # the init block keeps the (mr, nv, lanes) split
     sch.unroll(row)
     sch.unroll(vec)
@@ -89,6 +82,22 @@ def schedule_dot_gemm(sch, block: str, epilogue: str, *, mr: int, nv: int, lanes
     co, cv = sch.split(col, [None, lanes])
     sch.vectorize(cv)
     sch.unroll(co)
+
+
+def _tensorize_tiles(sch, mm, epilogue: str, loops, intrin: str):
+    """Shared by both GEMM schedules: ``loops`` = (column panel, row block, k, mr, nv, intrinsic
+    loop). Epilogue per row block, accumulator in registers, panels x blocks in parallel, the
+    intrinsic tensorized, the register tile unrolled. Returns (init block, epilogue block)."""
+    jo, io, ro, ii, jv, inner = loops
+    epi = sch.get_sblock(epilogue)
+    sch.reverse_compute_at(epi, io)
+    sch.set_scope(mm, 0, "local")
+    sch.parallel(sch.fuse(jo, io))
+    init = sch.decompose_reduction(mm, ro)
+    sch.tensorize(inner, intrin)
+    sch.unroll(ii)
+    sch.unroll(jv)
+    return init, epi
 
 
 # ---------------------------------------------------------------------------- matrix-multiply-accumulate
@@ -148,14 +157,7 @@ def schedule_mmla_gemm(sch, block: str, epilogue: str, *, mr: int, nv: int, dept
     jo, jv = sch.split(cols, [None, nv])
     ro, ri = sch.split(r, [None, depth])
     sch.reorder(jo, io, ro, ii, jv, ti, tj, ri)
-    epi = sch.get_sblock(epilogue)
-    sch.reverse_compute_at(epi, io)
-    sch.set_scope(mm, 0, "local")
-    sch.parallel(sch.fuse(jo, io))
-    init = sch.decompose_reduction(mm, ro)
-    sch.tensorize(ti, intrin)
-    sch.unroll(ii)
-    sch.unroll(jv)
+    init, epi = _tensorize_tiles(sch, mm, epilogue, (jo, io, ro, ii, jv, ti), intrin)
     *_, row, vec, ti, tj = sch.get_loops(init)
     sch.unroll(row)
     sch.unroll(vec)
