@@ -128,6 +128,7 @@ class _Rewriter(TransformerRules):
         self.rescales = 0
         self.done: set[str] = set()  # nodes already replaced as part of a lookup-table chain
         self.never_true: set[str] = set()  # boolean values known to be all False (IsNaN of integers)
+        self.users, self.producers = g.consumers(), g.producers()  # of the source graph (never edited)
 
     # -- helpers --------------------------------------------------------------------
     def _value(self, base: str, shape, dtype: str) -> str:
@@ -331,8 +332,9 @@ class _Rewriter(TransformerRules):
     def _r_Add(self, node: Node) -> None:
         ints = [n for n in node.inputs if n in self.rep]
         others = [n for n in node.inputs if n not in self.rep]
-        if len(ints) == 1 and others and self.mask_operand(others[0]) is not None:
-            return self.masked_add(node, ints[0], self.mask_operand(others[0]))
+        mask = self.mask_operand(others[0]) if len(ints) == 1 and others else None
+        if mask is not None:
+            return self.masked_add(node, ints[0], mask)
         srcs = [self.get(n, node) for n in ints]
         scale = min(float(s.scale.min()) for s in srcs)
         amax = self.ranges.get(node.outputs[0])

@@ -195,7 +195,7 @@ class TransformerRules:
                 n in self.g.constants and self.g.constants[n].size != 1 for n in node.inputs if n):
             return None
         x = live[0]
-        users = self.g.consumers()
+        users = self.users
         members, produced = [node], set(node.outputs)
         grew = True
         while grew:
@@ -258,7 +258,7 @@ class TransformerRules:
 
     def mask_operand(self, value: str):
         """(condition, keep_when) if ``value`` is ``Where(cond, 0, sentinel)`` (or swapped), else None."""
-        producer = self.g.producers().get(value)
+        producer = self.producers.get(value)
         if producer is None or producer.op != "Where":
             return None
         cond, c_true, c_false = producer.inputs
