@@ -11,28 +11,15 @@ codes of output column n along k, LSB first) already makes each output column on
 byte stream, so the kernels parallelise over n (both cores, contiguous blocks of columns)
 and stream each row once with vector loads, unpacking codes in registers.
 
-Algebra (both variants): with groups g along k,
+Algebra: with groups g along k,
 ``y[i, n] = sum_g s[n, g] * (sum_{k in g} x[i, k] * code[n, k]) - sum_g s[n, g] * z[n, g] * xsum[i, g]``
 so the inner loop is a pure dot product of codes with (reordered) activations; the
 zero-point term needs only the per-group activation sums, computed once per call.
 Activations are first permuted so that the e-th code of each packed byte (unit) lines up
 with a contiguous vector of x: ``xd[i, c, e, l] = x[i, (c * lanes + l) * cpb + e]``.
-
-Variants:
-
-* ``float``: f32 activations, codes converted to f32 in registers; exact up to f32
-  reassociation. Any bits (3-bit: a unit is 3 bytes holding 8 codes). Portable.
-* ``int8``: activations quantized per block (symmetric int8, per block of ``act_block``
-  codes inside one weight group, the scheme of onnxruntime MatMulNBits accuracy_level 4),
-  then unsigned codes x signed int8 activations through ``vpdpbusd`` (AVX-512 VNNI) into
-  int32, rescaled once per block. 2/4/8 bits. Not bit-exact: the activation rounding
-  error is that of int8 per-block quantization (~0.4% relative per block). The widest
-  vector is used even when it spans several groups (2-bit g128, 4-bit g32 in a zmm): each
-  group then owns a slice of the int32 lanes and the rescale multiplies by a per-lane scale
-  vector. Even and odd rescale steps go to two accumulators (no serial FMA chain); columns
-  are walked one at a time so each thread reads one sequential byte stream (interleaving
-  several rows was 2x slower once the weights came from DRAM). The activation prologue is
-  vectorized and produces the codes directly in the dot-product order.
+f32 activations, codes converted to f32 in registers: exact up to f32 reassociation; any
+bits (3-bit: a unit is 3 bytes holding 8 codes); portable. (Batch-1 decode with int8
+activations through VNNI, on a compile-time repacked layout, is :mod:`gemv_vnni`.)
 
 Invariants: f32 output; no fp32 weight is ever materialized; every packed byte is read once
 per call; the zero-point and bias terms are applied once per output.
@@ -45,23 +32,10 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
-__all__ = ["GEMV_MAX_M", "gemv_variant", "use_fp32_gemv", "qgemv_kernel", "gemv_kernel", "has_vnni"]
+__all__ = ["GEMV_MAX_M", "gemv_variant", "use_fp32_gemv", "qgemv_kernel", "gemv_kernel"]
 
 GEMV_MAX_M = 4  # rows up to which qlinear/linear use these kernels
 ROWS_PER_BLOCK = 32  # output columns per parallel task
-_INT8_COLS = 1  # output columns per step of the int8 variant (more interleave the row streams:
-# 2x slower once the weights come from DRAM, measured on the 2-core Zen 4 host)
-_INTRIN = {16: "llvm.x86.avx512.vpdpbusd.128", 32: "llvm.x86.avx512.vpdpbusd.256",
-           64: "llvm.x86.avx512.vpdpbusd.512"}
-
-
-def has_vnni(target) -> bool:
-    """True for x86 llvm targets with AVX-512 VNNI (+VL): ``vpdpbusd`` on xmm/ymm/zmm."""
-    target = _target(target)
-    if target.kind.name != "llvm":
-        return False
-    has = tvm.target.codegen.target_has_features
-    return bool(has(["avx512vnni"], target) and has(["avx512vl"], target) and has(["avx512bw"], target))
 
 
 def _target(target):
@@ -88,58 +62,25 @@ def _float_lanes(k: int, group: int, bits: int, lanes: int) -> int:
     return next((l for l in (lanes, 8, 4, 2, 1) if l <= lanes and per_group % l == 0), 0)
 
 
-def _int8_plan(k: int, group: int, bits: int) -> tuple[int, int] | None:
-    """(vector bytes, activation block) for the int8 variant, or None if the shape does not fit.
-
-    The vector (64/32/16 bytes: zmm/ymm/xmm, widest first) holds whole chunks of codes inside
-    one weight group, or whole groups (then each group owns a slice of the int32 lanes: the
-    rescale uses a per-lane scale vector); the activation block is the weight group, or for
-    one group per column the largest of 256/128/chunk codes dividing k.
-    """
-    if bits not in (2, 4, 8):
-        return None
-    cpb = 8 // bits
-    for vb in (64, 32, 16):
-        chunk = vb * cpb
-        if k % chunk:
-            continue
-        if group == k:
-            return vb, next(b for b in (256, 128, chunk) if b % chunk == 0 and k % b == 0)
-        if group % chunk == 0 or (chunk % group == 0 and (vb // 4) % (chunk // group) == 0):
-            return vb, group
-    return None
-
-
-def gemv_variant(m: int, k: int, n: int, bits: int, group_size: int, target,
-                 act_int8: bool = False) -> str | None:
-    """Which qgemv variant ``qgemv_kernel`` builds for this shape: "int8", "float" or None."""
+def gemv_variant(m: int, k: int, n: int, bits: int, group_size: int, target) -> str | None:
+    """Which qgemv variant ``qgemv_kernel`` builds for this shape: "float" or None."""
     if m > GEMV_MAX_M:
         return None
-    group = group_size or k
-    if act_int8 and has_vnni(target) and _int8_plan(k, group, bits) is not None:
-        return "int8"
-    return "float" if _float_lanes(k, group, bits, _lanes(target)) else None
+    return "float" if _float_lanes(k, group_size or k, bits, _lanes(target)) else None
 
 
 def qgemv_kernel(m: int, k: int, n: int, bits: int, group_size: int, symmetric: bool,
-                 has_bias: bool, target, act_int8: bool = False) -> tirx.PrimFunc:
+                 has_bias: bool, target) -> tirx.PrimFunc:
     """Small-m fused dequant GEMV, same arguments as ``kernels.qlinear_kernel``.
 
-    ``act_int8`` selects the int8-activation variant where the target has VNNI and the shape
-    fits (see module docstring); otherwise the float variant. Raises ValueError when no
-    variant fits (``gemv_variant`` returns None): callers then use the GEMM kernel.
+    Raises ValueError when no variant fits (``gemv_variant`` returns None): callers then use
+    the GEMM kernel.
     """
-    variant = gemv_variant(m, k, n, bits, group_size, target, act_int8)
-    if variant is None:
+    if gemv_variant(m, k, n, bits, group_size, target) is None:
         raise ValueError(f"no GEMV variant for m={m} k={k} bits={bits} group_size={group_size}")
     group = group_size or k
-    if variant == "int8":
-        vb, block = _int8_plan(k, group, bits)
-        body = _Int8Gemv(m, k, n, bits, group, symmetric, has_bias, vb, block)
-    else:
-        lanes = _float_lanes(k, group, bits, _lanes(target))
-        body = _FloatGemv(m, k, n, bits, group, symmetric, has_bias, lanes)
-    return _build(body)
+    lanes = _float_lanes(k, group, bits, _lanes(target))
+    return _build(_FloatGemv(m, k, n, bits, group, symmetric, has_bias, lanes))
 
 
 def use_fp32_gemv(m: int, k: int, n: int, target) -> bool:
@@ -209,13 +150,12 @@ class _QArgs:
     def zero_lanes(self) -> int:
         return next(l for l in (16, 8, 4, 2, 1) if self.groups % l == 0)
 
-    def finish_row(self, j, i, acc, lanes, zt, aw, slot=None):
-        """y[i, j] = sum(acc row ``slot``, default i) - sum_g s[j, g] * z[j, g] * aw[i, g] (+ bias[j]).
+    def finish_row(self, j, i, acc, lanes, zt, xsum):
+        """y[i, j] = sum(acc row i) - sum_g s[j, g] * z[j, g] * xsum[i, g] (+ bias[j]).
 
-        ``aw[i * G + g]``: the activation weight of group g (sum of x over the group, or of
-        the dequantized int8 activations); ``zt`` is a local of :meth:`zero_lanes` floats.
+        ``xsum[i * G + g]``: the sum of x over group g; ``zt`` is a local of
+        :meth:`zero_lanes` floats.
         """
-        row = i if slot is None else slot
         zl, groups = self.zero_lanes(), self.groups
         _store(zt, _bcast(tirx.const(0.0, "float32"), zl), 0, zl)
         with T.serial(0, groups // zl) as t:
@@ -224,13 +164,13 @@ class _QArgs:
                 zero = _bcast(tirx.const(float(1 << (self.bits - 1)), "float32"), zl)
             else:
                 zero = _load_row(self.z, j, g0, zl, 1)
-            term = _load_row(self.s, j, g0, zl, 1) * zero * _load(aw, i * groups + g0, zl)
+            term = _load_row(self.s, j, g0, zl, 1) * zero * _load(xsum, i * groups + g0, zl)
             _store(zt, _load(zt, 0, zl) + term, 0, zl)
         if lanes % zl == 0:  # fold the zero-point term into the lanes, then one reduction
-            _store(acc, _load(acc, row * lanes, zl) - _load(zt, 0, zl), row * lanes, zl)
-            self.finish(j, i, _lane_sum(acc, row * lanes, lanes))
+            _store(acc, _load(acc, i * lanes, zl) - _load(zt, 0, zl), i * lanes, zl)
+            self.finish(j, i, _lane_sum(acc, i * lanes, lanes))
         else:
-            self.finish(j, i, _lane_sum(acc, row * lanes, lanes) - _lane_sum(zt, 0, zl))
+            self.finish(j, i, _lane_sum(acc, i * lanes, lanes) - _lane_sum(zt, 0, zl))
 
     def finish(self, j, i, value):
         """y[i, j] = value (+ bias[j])."""
@@ -365,139 +305,6 @@ def _load_row(buf, row, start, lanes: int, stride: int):
     if lanes == 1:
         return buf[row, start]
     return tirx.BufferLoad(buf, [row, tirx.Ramp(start, stride, lanes)])
-
-
-class _Int8Gemv(_QArgs):
-    def __init__(self, m, k, n, bits, group, symmetric, has_bias, vb, block):
-        super().__init__(m, k, n, bits, group, symmetric, has_bias)
-        self.vb, self.block = vb, block
-        self.cpb = 8 // bits
-        self.chunk = vb * self.cpb
-        self.nchunks = k // self.chunk
-        self.nblocks = k // block
-        self.chunks_per_block = max(1, block // self.chunk)
-        self.parts = max(1, self.chunk // block)  # activation blocks (= weight groups) per chunk
-        self.lanes = vb // 4
-        self.cols = next(c for c in range(max(1, _INT8_COLS // m), 0, -1) if n % c == 0 and ROWS_PER_BLOCK % c == 0)
-
-    def emit(self):
-        self.declare()
-        m, nb = self.m, self.nblocks
-        xq = T.decl_buffer((m * self.k,), "int8")
-        xs = T.decl_buffer((m * nb,), "float32")
-        xqs = T.decl_buffer((m * nb,), "float32")
-        aw = T.decl_buffer((m * self.groups,), "float32")
-        self._prologue(xq, xs, xqs, aw)
-        L, vb = self.lanes, self.vb
-        cb = self.cols  # output columns per step (x loads shared, independent chains)
-        nsteps = self.nchunks // self.chunks_per_block  # one step: one rescale per lane
-        U = 2 if nsteps % 2 == 0 else 1  # independent accumulators over even/odd steps
-        slots = m * cb
-
-        def alloc():
-            return (T.decl_buffer((U * slots * L,), "float32", scope="local"),
-                    T.decl_buffer((U * slots * L,), "int32", scope="local"),
-                    T.decl_buffer((self.zero_lanes(),), "float32", scope="local"))
-
-        def body(j0, bufs):
-            facc, iacc, zt = bufs
-            for a in range(U * slots):
-                _store(facc, _bcast(tirx.const(0.0, "float32"), L), a * L, L)
-            with T.serial(0, nsteps // U) as s2:
-                for u in range(U):
-                    self._step(j0, s2 * U + u, u * slots, facc, iacc, xq, xs)
-            for a in range(slots if U == 2 else 0):  # merge the odd-step accumulators
-                _store(facc, _load(facc, a * L, L) + _load(facc, (slots + a) * L, L), a * L, L)
-            for col in range(cb):
-                for i in range(m):
-                    self.finish_row(j0 + col, i, facc, L, zt, aw, slot=i * cb + col)
-
-        _parallel_rows(self.n, alloc, body, step=cb)
-
-    def _step(self, j0, b, base, facc, iacc, xq, xs):
-        """Step ``b`` (the chunks of one activation block, or one chunk of ``parts`` blocks)
-        of columns j0 .. j0 + cols - 1 into accumulator slots ``base + i * cols + col``."""
-        m, L, vb, cb = self.m, self.lanes, self.vb, self.cols
-        slots = [(i, col, (base + i * cb + col) * L) for col in range(cb) for i in range(m)]
-        for _, _, a in slots:
-            _store(iacc, _bcast(tirx.const(0, "int32"), L), a, L)
-        with T.serial(0, self.chunks_per_block) as t:
-            c = b * self.chunks_per_block + t
-            raws = [_load_row(self.q, j0 + col, c * vb, vb, 1) for col in range(cb)]
-            for e in range(self.cpb):
-                xvs = [xq.vload([((i * self.nchunks + c) * self.cpb + e) * vb], f"int8x{vb}") for i in range(m)]
-                codes = [self._codes(raw, e) for raw in raws]
-                for i, col, a in slots:
-                    dot = tirx.call_llvm_pure_intrin(f"int32x{L}", _INTRIN[vb], _load(iacc, a, L), codes[col], xvs[i])
-                    _store(iacc, dot, a, L)
-        for i, col, a in slots:
-            conv = tirx.Cast(f"float32x{L}", _load(iacc, a, L))
-            _store(facc, _load(facc, a, L) + conv * self._step_scale(j0 + col, i, b, xs), a, L)
-
-    def _step_scale(self, j, i, step, xs):
-        """Lane scales of one step: weight scale x activation scale of the block each lane sums."""
-        L, nb = self.lanes, self.nblocks
-        if self.parts == 1:
-            b = step
-            return _bcast(self.s[j, b * self.block // self.group] * xs[i * nb + b], L)
-        per = L // self.parts
-        lane = tirx.Ramp(tirx.const(0, "int32"), 1, L)
-        out = None
-        for p in reversed(range(self.parts)):
-            b = step * self.parts + p  # block == group here
-            val = _bcast(self.s[j, b] * xs[i * nb + b], L)
-            out = val if out is None else tirx.Select(lane < _bcast(tirx.const((p + 1) * per, "int32"), L), val, out)
-        return out
-
-    def _codes(self, raw, e):
-        """int8 vector of the e-th code of every byte of ``raw`` (unsigned, < 2**bits)."""
-        vb, bits = self.vb, self.bits
-        code = raw
-        if e:  # a 16-bit shift (vpsrlw) then the byte mask: x86 has no byte shift (LLVM would
-            # emit vgf2p8affineqb, which competes with vpdpbusd for the same pipes on Zen 4)
-            wide = tirx.call_intrin(f"uint16x{vb // 2}", "tirx.reinterpret", code)
-            wide = wide >> _bcast(tirx.const(bits * e, "uint16"), vb // 2)
-            code = tirx.call_intrin(f"uint8x{vb}", "tirx.reinterpret", wide)
-        if bits != 8:
-            code = code & _bcast(tirx.const((1 << bits) - 1, "uint8"), vb)
-        return tirx.call_intrin(f"int8x{vb}", "tirx.reinterpret", code)
-
-    def _prologue(self, xq, xs, xqs, aw):
-        """Per row and block: scale = absmax / 127, codes round(x / scale), their sum; per
-        group: aw = sum over its blocks of scale * sum of codes (the zero-point weight).
-
-        Vectorized: the codes are produced in ``xq`` order, V bytes p of one code index e at
-        a time (a stride-``cpb`` load of x); max and integer sums are order-independent."""
-        m, nb, blk, cpb = self.m, self.nblocks, self.block, self.cpb
-        V = next(v for v in (16, 8, 4, 2, 1) if (blk // cpb) % v == 0)
-        with T.serial(0, m * self.groups) as t:
-            T.buffer_store(aw, tirx.const(0.0, "float32"), [t])
-        vmax = T.decl_buffer((V,), "float32", scope="local")
-        vsum = T.decl_buffer((V,), "float32", scope="local")
-        zero = _bcast(tirx.const(0.0, "float32"), V)
-        with T.serial(0, m) as i:
-            with T.serial(0, nb) as b:
-                _store(vmax, zero, 0, V)
-                with T.serial(0, blk // V) as r:
-                    xv = _load_row(self.x, i, b * blk + r * V, V, 1)
-                    _store(vmax, tirx.max(_load(vmax, 0, V), tirx.abs(xv)), 0, V)
-                amax = _lane_reduce(vmax, 0, V, tirx.max)
-                scale = amax * tirx.const(1.0 / 127.0, "float32")
-                inv = tirx.Select(amax > tirx.const(0.0, "float32"),
-                                  tirx.const(127.0, "float32") / amax, tirx.const(0.0, "float32"))
-                T.buffer_store(xs, scale, [i * nb + b])
-                _store(vsum, zero, 0, V)
-                with T.serial(0, blk // cpb // V) as pv:
-                    kk0 = b * blk + pv * V * cpb  # a multiple of V * cpb: one chunk, V bytes
-                    c, p = kk0 // self.chunk, (kk0 % self.chunk) // cpb
-                    for e in range(cpb):
-                        qv = tirx.round(_load_row(self.x, i, kk0 + e, V, cpb) * _bcast(inv, V))
-                        _store(xq, tirx.Cast(_vec("int8", V), qv),
-                               ((i * self.nchunks + c) * cpb + e) * self.vb + p, V)
-                        _store(vsum, _load(vsum, 0, V) + qv, 0, V)
-                T.buffer_store(xqs, _lane_reduce(vsum, 0, V, _add), [i * nb + b])
-                g = i * self.groups + b * blk // self.group
-                T.buffer_store(aw, aw[g] + xs[i * nb + b] * xqs[i * nb + b], [g])
 
 
 class _FloatLinearGemv:

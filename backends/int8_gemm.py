@@ -22,9 +22,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from qcompile.schedules import arm as sched_arm
-from qcompile.schedules import llvm_int8 as sched_llvm_int8
-
 from . import int8_kernels  # module import: int8_kernels imports this module too
 
 __all__ = ["KINDS", "select", "kind_of", "pack", "zero_point_correction", "matmul", "schedule"]
@@ -64,9 +61,10 @@ def kind_of(gemm) -> str:
 
 def pack(kind: str, w: np.ndarray) -> np.ndarray:
     """int8 ``w[K, N]`` in the layout the ``kind`` kernel reads."""
-    packers = {"vnni": int8_kernels.pack_vnni, "smmla": _arm().pack_smmla, "sdot": _arm().pack_sdot,
-               "portable": np.ascontiguousarray}
-    return packers[kind_of(kind)](w)
+    kind = kind_of(kind)
+    if kind in _FLIPPED:  # the arm64 packers only when asked for: importing them costs seconds
+        return {"smmla": _arm().pack_smmla, "sdot": _arm().pack_sdot}[kind](w)
+    return {"vnni": int8_kernels.pack_vnni, "portable": np.ascontiguousarray}[kind](w)
 
 
 def zero_point_correction(kind: str, w: np.ndarray) -> np.ndarray:
@@ -86,6 +84,13 @@ def matmul(m: int, k: int, n: int, kind: str):
 
 def schedule(kind: str):
     """The schedule ``(sch, block, epilogue, m, n, params)`` of the ``kind`` GEMM."""
-    return {"vnni": sched_llvm_int8.schedule_vnni_gemm, "smmla": sched_arm.schedule_smmla_gemm,
-            "sdot": sched_arm.schedule_sdot_codes_gemm,
-            "portable": sched_llvm_int8.schedule_int_gemm}[kind_of(kind)]
+    # the schedule modules are imported on first use: registering their tensor intrinsics parses
+    # TVMScript, about a second per module
+    kind = kind_of(kind)
+    if kind in _FLIPPED:
+        from qcompile.schedules import arm as sched_arm
+
+        return {"smmla": sched_arm.schedule_smmla_gemm, "sdot": sched_arm.schedule_sdot_codes_gemm}[kind]
+    from qcompile.schedules import llvm_int8 as sched_llvm_int8
+
+    return {"vnni": sched_llvm_int8.schedule_vnni_gemm, "portable": sched_llvm_int8.schedule_int_gemm}[kind]

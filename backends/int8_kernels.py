@@ -21,8 +21,6 @@ from __future__ import annotations
 import tvm
 from tvm import te, tirx
 
-from qcompile.schedules import llvm_int8 as sched
-
 from . import int8_gemm  # module import: int8_gemm imports this module too
 from .kernels import _check_dims, _finish
 
@@ -67,6 +65,8 @@ def quantize_rows_kernel(m: int, k: int, target) -> tirx.PrimFunc:
     scale = te.compute((m, 1), lambda i, _: te.max(amax[i], floor) / tirx.const(127.0, "float32"),
                        name="scale")
     u = te.compute((m, k), lambda i, j: _to_u8(x[i, j] * inv[i], target), name="quant")
+    from qcompile.schedules import llvm_int8 as sched  # on first use: it registers the VNNI intrinsic
+
     return _finish([x, u, scale], target, lambda s, p: sched.schedule_quantize_rows(s, m, k, lanes, p))
 
 
@@ -79,6 +79,8 @@ def quantize_static_kernel(m: int, k: int, scale: float, target) -> tirx.PrimFun
     x = te.placeholder((m, k), "float32", name="x")
     inv = tirx.const(float(_f32_inverse(scale)), "float32")
     u = te.compute((m, k), lambda i, j: _to_u8(x[i, j] * inv, target), name="quant")
+    from qcompile.schedules import llvm_int8 as sched  # on first use: it registers the VNNI intrinsic
+
     return _finish([x, u], target, lambda s, p: sched.schedule_elementwise(s, "quant", m, k, p))
 
 

@@ -7,7 +7,9 @@ No float appears anywhere in these kernels.
 * :func:`int_linear_kernel` reuses the W8A8 GEMM (uint8 codes with zero point 128; the GEMM
   kind -- VNNI, sdot, smmla or portable -- and its packing come from
   :mod:`qcompile.backends.int8_gemm`); its epilogue adds one int32 vector ``bias'[n] = bias[n] -
-  zero_point_correction[n]`` (folded at compile time) and stores int32.
+  zero_point_correction[n]`` (folded at compile time), then runs the fused elementwise steps of
+  :mod:`qcompile.backends.int_epilogue` (``Requantize``, ``Lut``) on the register tile and stores
+  the last one (int32 without steps).
 * :func:`requantize_compute` is the TE body of ``Requantize``: ``tirx.q_multiply_shift_per_axis``
   with q = 31 (int64 product, rounding shift), as ``topi.fixed_point_multiply_per_axis`` emits it.
 """
@@ -16,24 +18,32 @@ from __future__ import annotations
 
 from tvm import te, tirx
 
-from . import int8_gemm
+from . import int8_gemm, int_epilogue
 from .kernels import _finish
 
 __all__ = ["int_linear_kernel", "requantize_compute"]
 
 
-def int_linear_kernel(m: int, k: int, n: int, gemm, target) -> tirx.PrimFunc:
-    """acc[m, n] = sum_k u[m, k] * w[k, n] + bias[n], int32.
+def int_linear_kernel(m: int, k: int, n: int, gemm, target, steps=()) -> tirx.PrimFunc:
+    """y[m, n] = steps(sum_k u[m, k] * w[k, n] + bias[n]), int32 accumulation.
 
     Args: u uint8[m, k], w int8 (packed for the :mod:`qcompile.backends.int8_gemm` kind
     ``gemm``; True / False: "vnni" / "portable"), bias int32[n] (already minus
-    ``int8_gemm.zero_point_correction``), acc int32[m, n].
+    ``int8_gemm.zero_point_correction``), the constants of each
+    :class:`~qcompile.backends.int_epilogue.EpilogueStep` in ``steps`` (in order), y[m, n]:
+    int32 without steps, else the last step's dtype. The steps run on the register tile, in the
+    epilogue block, and only ``y`` is stored.
     """
     u, w, acc = int8_gemm.matmul(m, k, n, gemm)
     bias = te.placeholder((n,), "int32", name="bias")
     y = te.compute((m, n), lambda i, j: acc[i, j] + bias[j], name="epilogue")
+    y, consts = int_epilogue.apply_steps(y, steps)
     schedule = int8_gemm.schedule(gemm)
-    return _finish([u, w, bias, y], target, lambda s, p: schedule(s, "matmul", "epilogue", m, n, p))
+
+    def fused_schedule(sch, params):
+        schedule(sch, "matmul", int_epilogue.inline_chain(sch, "epilogue"), m, n, params)
+
+    return _finish([u, w, bias, *consts, y], target, fused_schedule)
 
 
 def requantize_compute(x: te.Tensor, mult: te.Tensor, shift: te.Tensor, axis: int, out_dtype: str,

@@ -2,8 +2,9 @@
 
 1. ``IntLinear`` -> one scheduled int8 GEMM kernel (the kind :func:`.int8_gemm.select` picks:
    VNNI, smmla, sdot or portable; the weight packed here at compile time) with an int32
-   epilogue; ``bias - zero_point_correction`` is folded into one int32 constant. Opaque to
-   ``FuseOps``.
+   epilogue; ``bias - zero_point_correction`` is folded into one int32 constant. The chain of
+   ``Requantize`` / ``Lut`` nodes that only rescales its result (:mod:`.int_epilogue`) runs in
+   that epilogue: those nodes are lowered here and skipped later. Opaque to ``FuseOps``.
 2. ``IntConv`` -> ``relax.op.nn.conv2d`` on int8 (codes minus 128) with ``out_dtype`` int32
    (legalized to an integer TIR convolution), plus the int32 bias.
 3. ``Requantize`` -> a TE function (``emit_te``) around ``tirx.q_multiply_shift_per_axis``;
@@ -22,7 +23,7 @@ from tvm import relax
 
 from qcompile.errors import UnsupportedOpError
 
-from . import int8_gemm, integer_kernels
+from . import int8_gemm, int_epilogue, integer_kernels
 from .int8_lowering import constant_input
 
 __all__ = ["INTEGER_LOWERINGS", "BOUNDARY_KERNELS", "float_primfuncs"]
@@ -49,16 +50,20 @@ def _int_linear(ctx, node):
     bias = -int8_gemm.zero_point_correction(gemm, w)
     if len(node.inputs) > 2 and node.inputs[2]:
         bias = bias + ctx.graph.constants[node.inputs[2]].astype(np.int64)
-    wconst = relax.const(int8_gemm.pack(gemm, w))
-    key = ("integer_kernels.int_linear_kernel", (m, k, n, gemm))
+    chain = int_epilogue.fusible_chain(ctx.graph, node.outputs[0], ctx.consumers())
+    steps = tuple(int_epilogue.step_of(ctx.graph, c) for c in chain)
+    consts = [ctx.get(name) for c in chain for name in c.inputs[1:]]
+    out = chain[-1].outputs[0] if chain else node.outputs[0]
+    key = ("integer_kernels.int_linear_kernel", (m, k, n, gemm, steps))
     gvar = ctx._kernels.get(key)  # pylint: disable=protected-access  (the context's kernel cache)
     if gvar is None:
-        func = integer_kernels.int_linear_kernel(m, k, n, gemm, ctx.target).with_attr("op_pattern", OPAQUE)
+        func = integer_kernels.int_linear_kernel(m, k, n, gemm, ctx.target, steps).with_attr("op_pattern", OPAQUE)
         gvar = ctx.bb.add_func(func, f"int_linear_{len(ctx._kernels)}")
         ctx._kernels[key] = gvar  # pylint: disable=protected-access
-    y = ctx.emit(relax.call_tir(gvar, [u, wconst, relax.const(bias.astype(np.int32))],
-                                relax.TensorType((m, n), "int32")))
-    return y if len(shape) == 2 else ctx.emit(R.reshape(y, (*shape[:-1], n)))
+    args = [u, relax.const(int8_gemm.pack(gemm, w)), relax.const(bias.astype(np.int32)), *consts]
+    y = ctx.emit(relax.call_tir(gvar, args, relax.TensorType((m, n), ctx.graph.type_of(out).dtype)))
+    ctx.fused.update(c.name for c in chain)
+    return {out: y if len(shape) == 2 else ctx.emit(R.reshape(y, (*shape[:-1], n)))}
 
 
 def _int_conv(ctx, node):

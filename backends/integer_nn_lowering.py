@@ -5,7 +5,9 @@
 2. ``IntSoftmax`` / ``Lut`` -> one TE function each (``emit_te``) from :mod:`.integer_nn_kernels`,
    scheduled by the target's row-reduction / fallback rules. ``IntLayerNorm`` -> row mean, row
    variance (TE), the integer square root (a scheduled loop kernel), then the normalisation (TE).
-3. ``IntDiv`` and ``IntReduceL2`` -> Relax integer ops (int64 multiply, floor_divide, sum) and
+3. ``IntRowQuantize`` -> two TE functions: the per-row multiplier (a row max reduction), then
+   the codes (elementwise, reads the multiplier).
+4. ``IntDiv`` and ``IntReduceL2`` -> Relax integer ops (int64 multiply, floor_divide, sum) and
    the integer square root kernel.
 
 Every lowering is exact integer arithmetic; see :mod:`qcompile.interpreter_integer_nn`.
@@ -79,6 +81,13 @@ def _lut(ctx, node):
     return ctx.bb.emit_te(k.lut_compute, x, table, int(node.attrs.get("offset", 0)), primfunc_name_hint="lut")
 
 
+def _int_row_quantize(ctx, node):
+    x = ctx.get(node.inputs[0])
+    mult = ctx.bb.emit_te(k.row_mult_compute, x, int(node.attrs["max_shift"]), primfunc_name_hint="int_row_mult")
+    codes = ctx.bb.emit_te(k.row_codes_compute, x, mult, primfunc_name_hint="int_row_codes")
+    return [codes, mult]
+
+
 def _int_div(ctx, node):
     a, b = (ctx.emit(R.astype(ctx.get(n), "int64")) for n in node.inputs)
     num = ctx.emit(R.multiply(a, relax.const(2 * int(node.attrs["num"]), "int64")))
@@ -101,4 +110,5 @@ INTEGER_NN_LOWERINGS = {
     "Lut": (_lut, frozenset({"offset"})),
     "IntDiv": (_int_div, frozenset({"num", "den"})),
     "IntReduceL2": (_int_reduce_l2, frozenset({"axes", "keepdims"})),
+    "IntRowQuantize": (_int_row_quantize, frozenset({"max_shift"})),
 }

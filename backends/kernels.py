@@ -54,21 +54,19 @@ def linear_kernel(m: int, k: int, n: int, has_bias: bool, target) -> tirx.PrimFu
 
 
 def qlinear_kernel(m: int, k: int, n: int, bits: int, group_size: int, symmetric: bool,
-                   has_bias: bool, target, act_int8: bool = False) -> tirx.PrimFunc:
+                   has_bias: bool, target) -> tirx.PrimFunc:
     """Fused weight-only quantized linear: y = x @ dequant(qweight) (+ bias).
 
     Args: x f32[m, k], qweight uint8[n, ceil(k*bits/8)], scales f32[n, G],
     zeros f32[n, G] (only if not symmetric), bias f32[n] (if has_bias), y f32[m, n];
     G = k // group_size (1 if group_size is 0).
     For m <= ``gemv_kernels.GEMV_MAX_M`` this returns the streaming GEMV of
-    :mod:`qcompile.backends.gemv_kernels` where a variant fits (``act_int8``: int8 activations
-    through VNNI, like onnxruntime's accuracy_level 4; default exact f32 activations).
+    :mod:`qcompile.backends.gemv_kernels` where a variant fits (exact f32 activations).
     """
     _check_dims(m=m, k=k, n=n)
     gs, groups = _groups(k, group_size, bits)
-    if gemv_kernels.gemv_variant(m, k, n, bits, group_size, target, act_int8) is not None:
-        return gemv_kernels.qgemv_kernel(m, k, n, bits, group_size, symmetric, has_bias, target,
-                                         act_int8)
+    if gemv_kernels.gemv_variant(m, k, n, bits, group_size, target) is not None:
+        return gemv_kernels.qgemv_kernel(m, k, n, bits, group_size, symmetric, has_bias, target)
     qweight = te.placeholder((n, _packed_len(k, bits)), "uint8", name="qweight")
     scales = te.placeholder((n, groups), "float32", name="scales")
     zeros = None if symmetric else te.placeholder((n, groups), "float32", name="zeros")
@@ -95,7 +93,12 @@ def batch_matmul_kernel(batch: int, m: int, k: int, n: int, target) -> tirx.Prim
 
 def int_batch_matmul_kernel(batch: int, m: int, k: int, n: int, a_dtype: str, b_dtype: str, a_zero: int,
                             b_zero: int, target) -> tirx.PrimFunc:
-    """int32 y[b, m, n] = (a - a_zero)[b, m, k] @ (b - b_zero)[b, k, n] (operands widened to int32)."""
+    """int32 y[b, m, n] = (a - a_zero)[b, m, k] @ (b - b_zero)[b, k, n]: the VNNI kernel of
+    :mod:`.int_batch_gemm` for 8-bit operands where it applies, else operands widened to int32."""
+    from . import int_batch_gemm  # imports this module
+
+    if int_batch_gemm.applies(target, k, n, a_dtype, b_dtype, b_zero):
+        return int_batch_gemm.u8_batch_matmul_kernel(batch, m, k, n, b_dtype, a_zero, b_zero, target)
     return _batch_matmul(batch, m, k, n, (a_dtype, a_zero), (b_dtype, b_zero), "int32", target)
 
 
@@ -109,12 +112,22 @@ def _batch_matmul(batch, m, k, n, a_spec, b_spec, out_dtype, target) -> tirx.Pri
         v = x[idx] if spec[1] is None else x[idx].astype(out_dtype)
         return v - tirx.const(spec[1], out_dtype) if spec[1] else v
 
+    # a narrow B is widened (minus its zero point) once per column panel, not in the inner loop
+    widen = b_spec[0] != out_dtype
+    bw = te.compute((batch, k, n), lambda t, r, j: load(b, b_spec, t, r, j), name="widen") if widen else None
     r = te.reduce_axis((0, k), name="r")
-    mm = te.compute((batch, m, n), lambda t, i, j: te.sum(load(a, a_spec, t, i, r) * load(b, b_spec, t, r, j),
-                                                          axis=r), name="matmul")
+    b_at = (lambda t, r, j: bw[t, r, j]) if widen else (lambda t, r, j: load(b, b_spec, t, r, j))  # noqa: E731
+    mm = te.compute((batch, m, n), lambda t, i, j: te.sum(load(a, a_spec, t, i, r) * b_at(t, r, j), axis=r),
+                    name="matmul")
     y = te.compute((batch, m, n), lambda t, i, j: mm[t, i, j], name="epilogue")
-    return _finish([a, b, y], target, lambda sch, p: sched_llvm.schedule_gemm(
-        sch, "matmul", "epilogue", m, n, p, batched=True))
+
+    def schedule(sch, params):
+        sched_llvm.schedule_gemm(sch, "matmul", "epilogue", m, n, params, batched=True,
+                                 panel="widen" if widen else None)
+        if widen:
+            sched_llvm.schedule_dequant_panel(sch, "widen", n, params, k, 1)
+
+    return _finish([a, b, y], target, schedule)
 
 
 def qgather_kernel(v: int, d: int, num_indices: int, bits: int, group_size: int,

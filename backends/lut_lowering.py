@@ -1,24 +1,31 @@
-"""Which kernel a batch-1 QLinear gets (LUT or dequant GEMV), and the LUT lowering.
+"""Which kernel a batch-1 QLinear gets (VNNI, LUT or dequant GEMV), and their lowering.
 
-The T-MAC style LUT GEMV of :mod:`qcompile.backends.lut_kernels` replaces the fused dequant
-GEMV of :mod:`qcompile.backends.gemv_kernels` for a QLinear whose activation has one row
-(m = 1: batch-1 decode), on targets with a byte shuffle (x86 ``pshufb``, aarch64 ``tbl``).
+For a QLinear whose activation has one row (m = 1: batch-1 decode) two GEMVs with a
+compile-time weight layout replace the fused dequant GEMV of
+:mod:`qcompile.backends.gemv_kernels`: the row-interleaved int8-activation VNNI GEMV of
+:mod:`qcompile.backends.gemv_vnni` (x86 AVX-512 VNNI, 2/4 bits) and the T-MAC style LUT GEMV
+of :mod:`qcompile.backends.lut_kernels` (targets with a byte shuffle: x86 ``pshufb``,
+aarch64 ``tbl``).
 
 Invariants:
 
 1. :func:`choose_gemv_kernels` decides once per m = 1 QLinear, before lowering, with
-   ``mode``: "dequant" never picks LUT; "lut" picks it wherever :func:`lut_supported` allows
-   and the weights are constants; "auto" additionally asks :func:`choose_m1_kernel`. The
-   decision (``kernel`` "lut"/"dequant", ``reason`` when not LUT) goes to
-   ``graph.metadata["gemv_kernels"][node]`` and to the node's ``quant_recipe`` entry
+   ``mode``: "dequant" never picks a repacked kernel; "lut" / "vnni" pick that kernel wherever
+   it fits and the weights are constants; "auto" picks VNNI where it fits (measured faster
+   than LUT at 2 and 4 bits on every decode shape of tools/bench_lut.py, and than the dequant
+   GEMV), else LUT where :func:`choose_m1_kernel` prefers it. The decision (``kernel``
+   "vnni"/"lut"/"dequant", ``reason`` why the kernels preferred by the mode were not taken)
+   goes to ``graph.metadata["gemv_kernels"][node]`` and to the node's ``quant_recipe`` entry
    (``gemv_kernel``, ``gemv_reason``), so the artifact's manifest and report record it.
    QLinears with m > 1 get no decision (the GEMM / small-m GEMV of kernels.qlinear_kernel).
-2. :func:`lower_lut_qlinear` is called by ``relax_lowering._qlinear`` for exactly the nodes
-   marked "lut" (:func:`is_lut`); the LUT weight layout (bit planes, per-vector scales) is
-   packed at compile time from the node's constant qweight / scales / zeros, so the library
-   carries the same number of code bytes as the dequant kernel's packed weights.
-3. Numerics: the LUT kernel differs from the exact dequant GEMV by its int8 table rounding,
-   at most :func:`qcompile.backends.lut_kernels.table_error_bound` per output.
+2. :func:`lower_m1_qlinear` is called by ``relax_lowering._qlinear`` for exactly the nodes
+   marked "vnni" or "lut" (:func:`m1_kernel`); their weight layouts (row-interleaved code
+   dwords or bit planes, per-vector scales) are packed at compile time from the node's
+   constant qweight / scales / zeros, so the library carries the same number of code bytes
+   as the dequant kernel's packed weights.
+3. Numerics: both differ from the exact dequant GEMV by an int8 rounding of the activations
+   (VNNI: per block, like onnxruntime MatMulNBits accuracy_level 4; LUT: of its tables, at
+   most :func:`qcompile.backends.lut_kernels.table_error_bound` per output).
 """
 
 from __future__ import annotations
@@ -32,19 +39,20 @@ from qcompile.errors import InputError
 from qcompile.ir import Graph, Node
 from qcompile.schedules.lut import lut_isa
 
-from . import lut_kernels
+from . import gemv_vnni, lut_kernels
+from .gemv_vnni import vnni_supported
 from .lut_kernels import choose_m1_kernel, lut_supported
 
-__all__ = ["GEMV_KERNELS", "METADATA_KEY", "choose_gemv_kernels", "is_lut", "lower_lut_qlinear"]
+__all__ = ["GEMV_KERNELS", "METADATA_KEY", "choose_gemv_kernels", "m1_kernel", "lower_m1_qlinear"]
 
 logger = logging.getLogger(__name__)
 
-GEMV_KERNELS = ("auto", "lut", "dequant")
+GEMV_KERNELS = ("auto", "vnni", "lut", "dequant")
 METADATA_KEY = "gemv_kernels"
 
 
 def choose_gemv_kernels(graph: Graph, target, mode: str = "auto") -> tuple[Graph, list[dict]]:
-    """Mark every m = 1 QLinear of a copy of ``graph`` "lut" or "dequant" (invariant 1).
+    """Mark every m = 1 QLinear of a copy of ``graph`` "vnni", "lut" or "dequant" (invariant 1).
 
     Returns (graph copy, decisions in node order)."""
     if mode not in GEMV_KERNELS:
@@ -67,25 +75,30 @@ def choose_gemv_kernels(graph: Graph, target, mode: str = "auto") -> tuple[Graph
     return g, decisions
 
 
-def is_lut(graph: Graph, node: Node) -> bool:
-    """Whether :func:`choose_gemv_kernels` marked ``node`` for the LUT GEMV."""
-    return graph.metadata.get(METADATA_KEY, {}).get(node.name, {}).get("kernel") == "lut"
+def m1_kernel(graph: Graph, node: Node) -> str | None:
+    """The kernel :func:`choose_gemv_kernels` marked ``node`` for ("vnni", "lut", "dequant"), or None."""
+    return graph.metadata.get(METADATA_KEY, {}).get(node.name, {}).get("kernel")
 
 
-def lower_lut_qlinear(ctx, node: Node, x):
-    """The LUT GEMV call for QLinear ``node`` on x[1, k] (relax_lowering's ``_Ctx``); y[1, n]."""
+def lower_m1_qlinear(ctx, node: Node, x):
+    """The VNNI or LUT GEMV call (per :func:`m1_kernel`) for QLinear ``node`` on x[1, k]
+    (relax_lowering's ``_Ctx``); y[1, n]."""
     spec = ctx.graph.values[node.inputs[1]].quant
     k, n = spec.logical_shape
     bits, gs, sym = _params(node)
     ins = list(node.inputs) + [""] * (5 - len(node.inputs))
     const = ctx.graph.constants
-    lut = lut_kernels.pack_lut_weights(const[ins[1]], const[ins[2]], None if sym else const[ins[3]],
-                                       bits, gs, k, lut_isa(ctx.target).rows)
-    args = [x] + [relax.const(a) for a in lut_kernels.lut_arrays(lut)]
+    qweight, scales, zeros = const[ins[1]], const[ins[2]], None if sym else const[ins[3]]
+    if m1_kernel(ctx.graph, node) == "vnni":
+        arrays = gemv_vnni.vnni_arrays(gemv_vnni.pack_vnni_weights(qweight, scales, zeros, bits, k))
+        builder, builders = "vnni_gemv_kernel", gemv_vnni
+    else:
+        lut = lut_kernels.pack_lut_weights(qweight, scales, zeros, bits, gs, k, lut_isa(ctx.target).rows)
+        arrays, builder, builders = lut_kernels.lut_arrays(lut), "lut_gemv_kernel", lut_kernels
+    args = [x] + [relax.const(a) for a in arrays]
     if ins[4]:
         args.append(ctx.get(ins[4]))
-    return ctx.call_kernel("lut_gemv_kernel", (k, n, bits, gs, sym, bool(ins[4])), args, (1, n),
-                           builders=lut_kernels)
+    return ctx.call_kernel(builder, (k, n, bits, gs, sym, bool(ins[4])), args, (1, n), builders=builders)
 
 
 def _params(node: Node) -> tuple[int, int, bool]:
@@ -103,14 +116,30 @@ def _decide(g: Graph, node: Node, target, mode: str) -> dict:
     decision = {"node": node.name, "m": 1, "k": int(k), "n": int(n), "bits": bits, "group_size": gs}
     if mode == "dequant":
         return {**decision, "kernel": "dequant", "reason": "--gemv-kernel dequant"}
-    weights = [name for name in node.inputs[1:4] if name]
+    if not all(g.is_constant(name) for name in node.inputs[1:4] if name):
+        reason = "the weights are not constants (the VNNI / LUT layouts are packed at compile time)"
+        return _fallback(node, mode, {**decision, "kernel": "dequant", "reason": reason})
+    reasons = []
+    for kernel in ("vnni", "lut") if mode == "auto" else (mode,):
+        reason = _unfit(kernel, k, n, bits, gs, target, mode)
+        if reason is None:
+            return {**decision, "kernel": kernel, **({"reason": "; ".join(reasons)} if reasons else {})}
+        reasons.append(f"{kernel}: {reason}")
+    return _fallback(node, mode, {**decision, "kernel": "dequant", "reason": "; ".join(reasons)})
+
+
+def _unfit(kernel: str, k: int, n: int, bits: int, gs: int, target, mode: str) -> str | None:
+    """Why ``kernel`` is not used for this shape (None: it is)."""
+    if kernel == "vnni":
+        return vnni_supported(k, n, bits, gs, target)
     reason = lut_supported(k, n, bits, gs, target)
-    if reason is None and not all(g.is_constant(name) for name in weights):
-        reason = "the weights are not constants (the LUT layout is packed at compile time)"
     if reason is None and mode == "auto" and choose_m1_kernel(k, n, bits, gs, target) != "lut":
         reason = "estimated slower than the dequant GEMV (lut_kernels.choose_m1_kernel)"
-    if reason is not None:
-        if mode == "lut":
-            logger.warning("layer '%s': no LUT GEMV (%s); using the dequant GEMV", node.name, reason)
-        return {**decision, "kernel": "dequant", "reason": reason}
-    return {**decision, "kernel": "lut"}
+    return reason
+
+
+def _fallback(node: Node, mode: str, decision: dict) -> dict:
+    if mode != "auto":
+        logger.warning("layer '%s': no %s GEMV (%s); using the dequant GEMV", node.name, mode.upper(),
+                       decision["reason"])
+    return decision

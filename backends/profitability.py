@@ -12,7 +12,7 @@ A cheap, deterministic cost model from the kernel that would be built (no measur
   1/8 of it on scalar tiles and for 3-bit codes that straddle bytes).
 
 Rates (:data:`RATES`) were measured on the 2-core AVX-512 x86 host (fp32 GEMM ~220 GFLOP/s,
-fused 4-bit GEMM the same, GEMV float variant ~40 G codes/s, int8 variant ~100 G codes/s).
+fused 4-bit GEMM the same, GEMV float variant ~40 G codes/s).
 Only the ratio of the two estimates matters; a layer is unprofitable when the quantized
 estimate exceeds the float one by more than :data:`MARGIN`.
 
@@ -43,7 +43,6 @@ RATES = {
     "mem_bytes": 20e9,        # streaming read bandwidth (bytes/s)
     "dequant": 8e9,           # weights/s dequantized into the GEMM panel (vector)
     "gemv_float": 40e9,       # codes/s of the float GEMV variant (per row of x)
-    "gemv_int8": 100e9,       # codes/s of the int8 (VNNI) GEMV variant (per row of x)
 }
 
 
@@ -70,8 +69,7 @@ def _lanes(target) -> int:
     return gemv_kernels._lanes(target)  # pylint: disable=protected-access
 
 
-def estimate_linear(m: int, k: int, n: int, bits: int, group_size: int, target,
-                    act_int8: bool = False) -> Estimate:
+def estimate_linear(m: int, k: int, n: int, bits: int, group_size: int, target) -> Estimate:
     """Cost estimate of QLinear vs Linear for x[m, k] @ W[k, n] on ``target``."""
     lanes = _lanes(target)
     vec = lanes > 1 and n % lanes == 0
@@ -83,10 +81,9 @@ def estimate_linear(m: int, k: int, n: int, bits: int, group_size: int, target,
         float_s = max(2.0 * m * k * n / flop_rate, fp32_bytes / RATES["mem_bytes"])
         float_kernel = "fp32 GEMM" + ("" if vec else " (scalar tile)")
     packed = n * math.ceil(k * bits / 8) + 8.0 * n * (k // group_size if group_size else 1)
-    variant = gemv_kernels.gemv_variant(m, k, n, bits, group_size, target, act_int8)
+    variant = gemv_kernels.gemv_variant(m, k, n, bits, group_size, target)
     if variant is not None:
-        rate = RATES["gemv_int8" if variant == "int8" else "gemv_float"]
-        quant_s = max(packed / RATES["mem_bytes"], m * k * n / rate)
+        quant_s = max(packed / RATES["mem_bytes"], m * k * n / RATES["gemv_float"])
         quant_kernel = f"{bits}-bit {variant} GEMV"
     else:
         dq_rate = RATES["dequant"] if vec and bits != 3 else RATES["dequant"] / 8

@@ -73,6 +73,14 @@ class _Ctx:
     def __init__(self, bb, graph, target, env):
         self.bb, self.graph, self.target, self.env = bb, graph, target, env
         self._kernels: dict[tuple, relax.GlobalVar] = {}
+        self.fused: set[str] = set()  # names of nodes a producer's kernel already computes
+        self._consumers: dict[str, list[Node]] | None = None
+
+    def consumers(self) -> dict[str, list[Node]]:
+        """``graph.consumers()``, computed once per lowering."""
+        if self._consumers is None:
+            self._consumers = self.graph.consumers()
+        return self._consumers
 
     # -- values ----------------------------------------------------------------
     def get(self, name: str):
@@ -86,6 +94,8 @@ class _Ctx:
         return self.bb.emit(expr)
 
     def lower_node(self, node: Node) -> None:
+        if node.name in self.fused:
+            return
         rule = _RULES.get(node.op)
         if rule is None:
             raise UnsupportedOpError(node.op, node.name, "no Relax lowering for this op")
@@ -94,8 +104,11 @@ class _Ctx:
         if extra:
             raise UnsupportedOpError(node.op, node.name, f"unknown attribute(s) {sorted(extra)}")
         result = fn(self, node)
-        results = result if isinstance(result, (list, tuple)) else [result]
-        for name, value in zip(node.outputs, results):
+        if isinstance(result, dict):  # values by name: a fusing rule defines its fused consumers' outputs
+            pairs = result.items()
+        else:
+            pairs = zip(node.outputs, result if isinstance(result, (list, tuple)) else [result])
+        for name, value in pairs:
             self._check(node, name, value)
             self.env[name] = value
 
@@ -285,8 +298,8 @@ def _qlinear(ctx, node):
     bits, gs, sym = int(node.attrs["bits"]), int(node.attrs.get("group_size", 0)), bool(node.attrs["symmetric"])
     ins = list(node.inputs) + [""] * (5 - len(node.inputs))
     _check_zeros(node, ins[3], sym)
-    if lut_lowering.is_lut(ctx.graph, node):  # batch-1 LUT GEMV, chosen before lowering
-        return _restore(ctx, lut_lowering.lower_lut_qlinear(ctx, node, x), lead, n)
+    if lut_lowering.m1_kernel(ctx.graph, node) in ("vnni", "lut"):  # batch-1 GEMV, chosen before lowering
+        return _restore(ctx, lut_lowering.lower_m1_qlinear(ctx, node, x), lead, n)
     args = [x, ctx.get(ins[1]), ctx.get(ins[2])]
     if not sym:
         args.append(ctx.get(ins[3]))

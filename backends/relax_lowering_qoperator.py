@@ -13,14 +13,20 @@ Numerics equal :mod:`qcompile.interpreter_qoperator` bit for bit:
 * QLinearAveragePool: the window sum is a chain of float32 adds, each computed in float64 and
   rounded back to float32 (the same bits as a float32 add): the casts pin the order, which the
   host target's ``fast-math-reassoc`` could otherwise change.
+* QLinearSoftmax: rows of the last axis go to the hand-written kernel of
+  :mod:`.qoperator_kernels` (float32 steps pinned the same way).
 """
 
 from __future__ import annotations
+
+import math
 
 from tvm import relax
 
 from qcompile.errors import UnsupportedOpError
 from qcompile.interpreter_qoperator import pool_counts, span_scalar
+
+from . import qoperator_kernels
 
 __all__ = ["QOPERATOR_LOWERINGS"]
 
@@ -127,6 +133,16 @@ def _qlinear_average_pool(ctx, node):
     return ctx.emit(R.astype(t, str(at["dtype"])))
 
 
+def _qlinear_softmax(ctx, node):
+    x, table = ctx.get(node.inputs[0]), ctx.get(node.inputs[1])
+    shape = [int(d) for d in x.ty.shape]
+    rows = math.prod(shape[:-1])
+    params = (rows, shape[-1], float(node.attrs["y_multiplier"]), int(node.attrs["y_zero_point"]))
+    y = ctx.call_kernel("qlinear_softmax_kernel", params, [ctx.emit(R.reshape(x, (rows, shape[-1]))), table],
+                        (rows, shape[-1]), "uint8", builders=qoperator_kernels)
+    return ctx.emit(R.reshape(y, shape))
+
+
 QOPERATOR_LOWERINGS = {
     "ConvInteger": (_conv_integer, frozenset({"strides", "pads", "dilations", "group"})),
     "QLinearAdd": (_qlinear_add, frozenset({"a_ratio", "b_ratio", "fixed", "qmin", "qmax", "dtype"})),
@@ -135,4 +151,5 @@ QOPERATOR_LOWERINGS = {
     "QLinearAveragePool": (_qlinear_average_pool, frozenset({
         "x_scale", "x_zero_point", "y_scale", "y_zero_point", "kernel_shape", "strides", "pads", "count_include_pad",
         "qmin", "qmax", "dtype"})),
+    "QLinearSoftmax": (_qlinear_softmax, frozenset({"y_multiplier", "y_zero_point"})),
 }

@@ -4,12 +4,17 @@ Numerics match :mod:`qcompile.interpreter_quant` bit for bit: ``relax.op.round``
 ``nearbyint`` (round half to even under the default FP environment), the quotient is a true
 float32 division (never a multiplication by a reciprocal), saturation is a clip in float32
 before the cast (every int8/uint8/int16 value is exact in float32). MatMulInteger
-accumulates in int32 (``relax.op.matmul(..., out_dtype="int32")``).
+accumulates in int32 (``relax.op.matmul(..., out_dtype="int32")``; two run-time operands with
+equal batch dimensions: the opaque kernel of :mod:`.qoperator_kernels`).
 """
 
 from __future__ import annotations
 
+import math
+
 from tvm import relax, te
+
+from . import qoperator_kernels
 
 __all__ = ["QUANT_LOWERINGS"]
 
@@ -102,6 +107,13 @@ def _matmul_integer(ctx, node):
     ins = list(node.inputs) + [""] * (4 - len(node.inputs))
     a = _i32(ctx, ctx.get(ins[0]), ins[2])
     b = _i32(ctx, ctx.get(ins[1]), ins[3])
+    a_shape, b_shape = ([int(d) for d in v.ty.shape] for v in (a, b))
+    if len(a_shape) > 2 and a_shape[:-2] == b_shape[:-2]:  # run-time batched product: a kernel of its own
+        batch, (m, k), n = math.prod(a_shape[:-2]), a_shape[-2:], b_shape[-1]
+        c = ctx.call_kernel("batch_matmul_int32_kernel", (batch, m, k, n),
+                            [ctx.emit(R.reshape(a, (batch, m, k))), ctx.emit(R.reshape(b, (batch, k, n)))],
+                            (batch, m, n), "int32", builders=qoperator_kernels)
+        return ctx.emit(R.reshape(c, a_shape[:-1] + [n]))
     return ctx.emit(R.matmul(a, b, out_dtype="int32"))
 
 

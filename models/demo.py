@@ -80,7 +80,7 @@ def main(argv=None) -> int:
         "weights_ratio": sizes["weights_ratio"], "library_bytes": lib_bytes,
         "latency_ms_qcompile": round(t_q, 3), "latency_ms_onnxruntime_fp32": round(t_ort, 3),
         "speedup_vs_onnxruntime_fp32": round(t_ort / t_q, 3), "threads": args.threads,
-        "compile_timings_s": json.loads((art.path / "report.json").read_text())["timings_s"],
+        "compile_timings_s": json.loads((art.path / "timings.json").read_text())["timings_s"],
     }
     print(_format(summary))
     (Path(args.output) / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -8,7 +8,9 @@ Used by ``--requantize``. Rewrites (functional: works on ``graph.copy()``):
    is replaced by ``x`` (the fake-quant pair is removed); QuantizeLinear nodes left without
    users disappear.
 
-Refusals: integer ops (DynamicQuantizeLinear, MatMulInteger) are left as they are.
+Refusals: integer ops (DynamicQuantizeLinear, MatMulInteger) are left as they are; so are QDQ
+groups the frontend fused into QOperator kernels, which is why the driver imports with
+``load_onnx(..., fuse_qdq=False)`` under ``--requantize``.
 Postcondition: ``graph.metadata["quant_recipe"]`` keeps only entries of nodes still present
 that are not rewritten by case 1 or 2; ``metadata["requantized_from"]`` keeps the old recipe.
 """

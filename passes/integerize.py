@@ -15,10 +15,14 @@ in the graph as a float tensor):
 Rewrites, in graph order:
 
 1. ``QuantizeAct(x)`` (static ``s``): on a float graph input it is kept (the input boundary);
-   on an integer ``x`` it becomes ``Requantize`` to codes of scale ``s`` (skipped when ``x`` is
-   already codes of that scale).
+   on int32 ``x`` read only by ``Int8Linear`` (in a transformer: layer-norm outputs, the
+   attention context, the GELU output) it becomes per-row codes with a runtime power of two
+   (``Requantize`` to int32, ``IntRowQuantize``: codes and ``2**r`` per row, see
+   :meth:`~.integerize_nn.TransformerRules.row_codes`); on other integer ``x`` it becomes
+   ``Requantize`` to codes of scale ``s`` (skipped when ``x`` is already codes of that scale).
 2. ``Int8Linear(u, ., W, ws, b)`` -> ``IntLinear(u, W, round(b / (s_u * ws)) int32)``: acc with
-   ``S = s_u * ws`` along the last axis.
+   ``S = s_u * ws`` along the last axis. With per-row codes: ``IntLinear(u, W)``, ``Mul`` by the
+   row's ``2**r``, ``Add`` of the int32 bias (still 8-bit GEMM operands).
 3. ``Conv(x, w, b)`` -> ``IntConv(codes(x), w_q int8, b int32)``, weights symmetric per output
    channel; acc with ``S = s_x * ws`` along axis 1.
 4. ``Relu`` / ``Clip(min=0)`` -> ``Clip`` of the integers (min code 128, or int32 0).
@@ -254,19 +258,31 @@ class _Rewriter(TransformerRules):
             self.nodes.append(node)
             self.rep[x] = self.rep[node.outputs[0]] = _Int(node.outputs[0], "codes", np.array([scale]))
             return
-        self.rep[node.outputs[0]] = self.requantize(self.get(x, node), "codes", scale, node.outputs[0])
+        src = self.get(x, node)
+        if src.kind == "acc" and self.wants_row_codes(node):
+            self.rep[node.outputs[0]] = self.row_codes(x, node)
+            return
+        self.rep[node.outputs[0]] = self.requantize(src, "codes", scale, node.outputs[0])
 
     def _r_Int8Linear(self, node: Node) -> None:
         src = self.get(node.inputs[0], node)
         if src.kind != "codes" or not src.per_tensor:
             raise InvariantError(f"node '{node.name}' (Int8Linear): input is not per-tensor codes")
         scale = src.scale[0] * self.g.constants[node.inputs[3]].astype(np.float64)
-        ins = [src.name, node.inputs[2]]
         bias = self._bias(node, node.inputs[4] if len(node.inputs) > 4 else "", scale)
-        if bias is not None:
-            ins.append(self._const(f"{node.name}.bias_i32", bias))
+        bias = None if bias is None else self._const(f"{node.name}.bias_i32", bias)
         out = self._out(node, "acc", scale, -1)
-        self._emit("IntLinear", node.name, ins, [out], {"wbits": node.attrs.get("wbits", 8)})
+        attrs = {"wbits": node.attrs.get("wbits", 8)}
+        if src.row_mult is None:
+            self._emit("IntLinear", node.name, [src.name, node.inputs[2]] + ([bias] if bias else []), [out], attrs)
+            return
+        shape = self.g.type_of(node.outputs[0]).shape
+        acc = self._value(f"{node.name}.row_acc", shape, "int32")
+        self._emit("IntLinear", node.name, [src.name, node.inputs[2]], [acc], attrs)
+        scaled = out if bias is None else self._value(f"{node.name}.row_scaled", shape, "int32")
+        self._emit("Mul", f"{node.name}.row_scale", [acc, src.row_mult], [scaled])
+        if bias is not None:
+            self._emit("Add", f"{node.name}.bias", [scaled, bias], [out])
 
     def _r_Conv(self, node: Node) -> None:
         src = self.codes(node.inputs[0], node)
@@ -406,7 +422,7 @@ def integerize_w8a8(graph: Graph, config, calibration: dict | None = None) -> Gr
 
     arrays = calibrate.load_npz(config.calib) if config.calib else calibration
     feeds = calibrate.split_batches(graph, arrays) if arrays is not None else [synthesize_inputs(graph)]
-    graph = smooth_for_static(graph, feeds, config.smooth)
+    graph = smooth_for_static(graph, feeds, config.smooth, "integer_only")
     ranges = float_value_ranges(graph, feeds)
     act = ActQuantConfig(weight_bits=int(config.bits), mode="static", ranges=ranges)
     g = QuantizeActivationsPass(act)(graph).graph

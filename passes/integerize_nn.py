@@ -11,8 +11,11 @@ make an encoder such as BERT / MiniLM integer-only:
   ``Mul(int, int)`` -> int32 ``Mul`` (scales multiply); ``Div(int, int)`` -> ``IntDiv`` at the
   output's fine scale.
 * Elementwise chains with one integer input and a nonlinearity (erf-GELU, tanh, sigmoid, exp...)
-  -> one ``Lut`` over the 256 codes of the input, the table computed by the reference kernels of
-  the float ops, stored as output codes.
+  -> ``Requantize`` of the input to int32 at ``range / 511`` and one ``Lut`` of
+  :data:`LUT_SIZE` int32 entries over ``[-range, range]`` (computed by the reference kernels of
+  the float ops), output int32 at the fine scale ``range / 2**15`` of the exit value.
+* Int32 inputs of linear layers -> 8-bit codes with a power-of-two scale per row chosen at run
+  time (``IntRowQuantize``, :meth:`TransformerRules.row_codes`).
 * ``MatMul(int, int)`` -> ``IntMatMul`` (codes with zero point 128, or int32 operands of known
   small magnitude such as softmax probabilities).
 * ``Add(scores, Where(mask, 0, -3.4e38))`` (attention masks) -> ``Where(mask, scores, -2**30)``;
@@ -37,7 +40,7 @@ import numpy as np
 
 from qcompile.errors import UnsupportedOpError
 from qcompile.interpreter_integer import CODE_ZERO, dyadic
-from qcompile.interpreter_integer_nn import SOFTMAX_OUT_BITS
+from qcompile.interpreter_integer_nn import ROW_CODE_BITS, SOFTMAX_OUT_BITS
 from qcompile.ir import Node
 
 __all__ = ["TransformerRules", "IntValue", "LUT_OPS", "NONLINEAR_OPS"]
@@ -49,7 +52,10 @@ MASK_FILL = -(1 << 30)  # an attention-mask entry: far below any score, no int32
 SENTINEL = 1e30
 EXP_STEPS = 256  # IntSoftmax table: exp(-i / 256), i < 16 * 256
 EXP_TABLE = 16 * EXP_STEPS
+LUT_SIZE = 1024  # entries of a nonlinear chain's table over [-range, range] of its input
 _SMALL = 1 << 16  # int32 operands of IntMatMul up to this magnitude are used as they are
+_INT32_MAX = 2**31 - 1
+MAX_ROW_SHIFT = 8  # IntRowQuantize: rows down to range / 2**8 keep 7-bit codes
 
 
 @dataclass(frozen=True)
@@ -61,10 +67,16 @@ class IntValue:
     scale: np.ndarray
     axis: int = -1
     bound: int | None = None  # known largest |integer| (e.g. softmax probabilities), if any
+    row_mult: str | None = None  # codes with a runtime power of two per row: real = (u - 128) * scale * mult
 
     @property
     def per_tensor(self) -> bool:
         return self.scale.size == 1
+
+
+def row_max_shift(k: int) -> int:
+    """Largest per-row shift ``r`` with ``127 * 127 * k * 2**(r + 1) <= 2**31`` (GEMM sum, shifted, plus bias)."""
+    return int(min(MAX_ROW_SHIFT, max(0, math.floor(math.log2(_INT32_MAX / (127.0 * 127.0 * k))) - 1)))
 
 
 def _scalar(g, name: str) -> float | None:
@@ -218,29 +230,59 @@ class TransformerRules:
         return sorted(members, key=lambda n: order[n.name]), exits[0], x
 
     def lower_lut(self, region) -> None:
-        """Replace the chain by ``Lut(codes(x), table)``; the table evaluates the float ops on 256 codes."""
+        """Replace the chain by ``Lut(x at a fine step, table)``; the table evaluates the float ops on its grid.
+
+        ``x`` is requantized to int32 at ``range(x) / (LUT_SIZE / 2 - 1)``, the table covers
+        ``[-range, range]`` (an input beyond saturates, as a code would) and holds the exit value
+        as int32 at its fine scale ``range / 2**15``.
+        """
         from qcompile.interpreter import KERNELS  # noqa: PLC0415  (no import cycle at module load)
 
         members, exit_value, x = region
         first = members[0]
-        src = self.codes(x, first)
-        env = {x: ((np.arange(256, dtype=np.float64) - CODE_ZERO) * src.scale[0]).astype(np.float32)}
+        half = LUT_SIZE // 2
+        step = self._range_scale(x, first) * 127.0 / (half - 1)
+        src = self.requantize(self.get(x, first), "acc", step, f"{x}.lut_in")
+        env = {x: ((np.arange(LUT_SIZE, dtype=np.float64) - half) * step).astype(np.float32)}
         for m in members:
             args = [env.get(n, self.g.constants.get(n)) if n else None for n in m.inputs]
             with np.errstate(all="ignore"):
                 outs = KERNELS[m.op](self.g, m, args)
             for name, arr in zip(m.outputs, outs if isinstance(outs, (list, tuple)) else [outs]):
-                env[name] = np.asarray(arr, np.float32).reshape(256)
-        scale = self._range_scale(exit_value, first)
-        table = (np.clip(np.rint(env[exit_value].astype(np.float64) / scale), -127, 127) + CODE_ZERO).astype(np.uint8)
+                env[name] = np.asarray(arr, np.float32).reshape(LUT_SIZE)
+        scale = self.fine_scale(exit_value, first)
+        values = np.clip(np.rint(env[exit_value].astype(np.float64) / scale), -(2**30), 2**30)
+        table = np.nan_to_num(values).astype(np.int32)
         for m in members:
             self.done.add(m.name)
             self.names.discard(m.name)
         self.changed = True
         exit_node = Node("Lut", members[-1].name, [x], [exit_value])
-        out = self._out(exit_node, "codes", scale)
+        out = self._out(exit_node, "acc", scale, bound=int(np.abs(table).max()))
         self._emit("Lut", f"{exit_value}.lut", [src.name, self._const(f"{exit_value}.table", table)], [out],
-                   {"offset": 0})
+                   {"offset": half})
+
+    # -- dynamic per-row codes of linear-layer inputs -------------------------------------
+    def wants_row_codes(self, node: Node) -> bool:
+        """Whether ``QuantizeAct`` ``node`` of an int32 value becomes per-row codes (all readers Int8Linear)."""
+        return all(c.op == "Int8Linear" for c in self.users.get(node.outputs[0], []))
+
+    def row_codes(self, value: str, node: Node) -> IntValue:
+        """``value`` (int32) as 8-bit codes with a runtime power of two per row (``IntRowQuantize``).
+
+        The row's int32 form is at ``ref = range / 2**(7 + max_shift)``; a row whose largest
+        ``|x|`` is ``a`` keeps ``x >> r`` with ``r = clip(bit_length(a) - 7, 0, max_shift)``, so a
+        row down to ``range / 2**max_shift`` has full 7-bit codes; ``max_shift`` keeps ``acc << r``
+        of the following GEMM inside int32 (:func:`row_max_shift`).
+        """
+        t = self.g.type_of(value)
+        max_shift = row_max_shift(t.shape[-1])
+        ref = self._range_scale(value, node) * 127.0 / 2.0 ** (ROW_CODE_BITS + max_shift)
+        wide = self.requantize(self.get(value, node), "acc", ref, f"{value}.rows")
+        codes = self._value(f"{value}.row_codes", t.shape, "uint8")
+        mult = self._value(f"{value}.row_mult", t.shape[:-1] + (1,), "int32")
+        self._emit("IntRowQuantize", f"{value}.row_quantize", [wide.name], [codes, mult], {"max_shift": max_shift})
+        return IntValue(codes, "codes", np.array([ref]), row_mult=mult)
 
     # -- attention -------------------------------------------------------------------------
     def _matmul_operand(self, value: str, node: Node):

@@ -5,7 +5,9 @@ Invariants:
    temporary sibling directory and renamed into place (a failed compile leaves no OUT).
 2. ``manifest["files"]`` lists every payload file with its sha256 and size; :func:`verify`
    recomputes them, so a tampered or truncated artifact is refused before it runs.
-3. Nothing time-dependent is written: the same inputs give the same manifest.
+3. Nothing time-dependent is hashed: the same inputs give the same manifest and files.
+   ``timings.json`` (wall time per compile phase, compile-cache use) is the one file that
+   differs between two compiles; it is informational and not listed in the manifest.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ __all__ = ["FORMAT_VERSION", "sha256_file", "staging_dir", "write_json", "read_m
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+TIMINGS = "timings.json"
 
 
 def sha256_file(path: Path) -> str:
@@ -35,10 +38,11 @@ def sha256_file(path: Path) -> str:
 
 
 def write_json(path: Path, data) -> None:
-    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True, default=_jsonable) + "\n")
+    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True, default=jsonable) + "\n")
 
 
-def _jsonable(obj):
+def jsonable(obj):
+    """``json.dumps`` default: numpy scalars as Python numbers, tuples and sets as lists."""
     import numpy as np
 
     if isinstance(obj, np.generic):

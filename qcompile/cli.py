@@ -73,19 +73,25 @@ def _compile_parser() -> argparse.ArgumentParser:
                    help="8: int8 activations into integer GEMMs (W8A8 / W4A8 with --bits 4); default 16 (float)")
     p.add_argument("--act-mode", default="dynamic", choices=("dynamic", "static"),
                    help="--act-bits 8: per-token dynamic scales, or static per-tensor scales from --calib")
-    p.add_argument("--smooth", type=float, default=0.5, metavar="ALPHA",
+    p.add_argument("--smooth", type=float, default=None, metavar="ALPHA",
                    help="static activation scales (--act-mode static, --integer-only): SmoothQuant alpha that "
-                        "migrates activation outlier channels into the weights (0: off; default 0.5)")
+                        "migrates activation outlier channels into the weights (0: off; default 0.5, "
+                        "integer-only 0.6)")
     p.add_argument("--integer-only", action="store_true",
                    help="--act-bits 8: integer-only inference (int32 accumulation, dyadic rescales; float only "
                         "in the input quantizer and the output dequantizer; implies --act-mode static)")
     p.add_argument("--outlier-bits", type=int, default=None, choices=(3, 4, 8),
                    help="weight-only: leading outlier weight groups of a Linear (after --passes reorder) get these bits")
-    p.add_argument("--gemv-kernel", default="auto", choices=("auto", "lut", "dequant"),
-                   help="batch-1 quantized Linear: lut (lookup-table GEMV), dequant (fused dequant GEMV), "
-                        "or auto (default: lut where it fits and is estimated faster)")
+    p.add_argument("--gemv-kernel", default="auto", choices=("auto", "vnni", "lut", "dequant"),
+                   help="batch-1 quantized Linear: vnni (int8-activation AVX-512 VNNI GEMV), lut (lookup-table "
+                        "GEMV), dequant (fused dequant GEMV), or auto (default: vnni where it fits, else lut "
+                        "where it fits and is estimated faster)")
     p.add_argument("--db", default=None, metavar="DIR",
                    help="tuning database written by `qcompile tune` (same --target): apply its schedules")
+    p.add_argument("--no-cache", action="store_true",
+                   help="reuse nothing from the compile cache and store nothing in it (default: reuse the graphs after "
+                        "the passes, the built library and the verify step's reference outputs of an identical earlier "
+                        "compile from $QCOMPILE_CACHE_DIR, else ~/.cache/qcompile/compile)")
     p.add_argument("-q", "--quiet", action="store_true")
     return p
 
@@ -124,7 +130,8 @@ def _cmd_compile(argv) -> int:
         gemv_kernel=args.gemv_kernel,
     )
     eval_inputs = _load_npz(args.inputs) if args.inputs else None
-    art = compile_model(args.model, config, output=args.output, eval_inputs=eval_inputs)
+    art = compile_model(args.model, config, output=args.output, eval_inputs=eval_inputs,
+                        cache=False if args.no_cache else None)
     print(_summary(art.manifest, args.output))
     return 0
 
@@ -238,6 +245,8 @@ def _cmd_tune(argv) -> int:
     p.add_argument("--rpc", default=None, metavar="HOST:PORT",
                    help="TVM RPC tracker: measure on the servers registered there with --key (in parallel)")
     p.add_argument("--key", default=None, help="with --rpc: the key the RPC servers registered with")
+    p.add_argument("--no-cache", action="store_true",
+                   help="do not reuse or store the graphs after the passes in the compile cache")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     from .driver import tune
@@ -246,7 +255,7 @@ def _cmd_tune(argv) -> int:
                            symmetric=args.symmetric, act_bits=args.act_bits, num_threads=args.threads,
                            shapes=dict(parse_shape(s) for s in args.shape), cpu=args.cpu)
     summary = tune(args.model, config, trials=args.trials, db=args.db, progress=not args.quiet,
-                   rpc=args.rpc, rpc_key=args.key)
+                   rpc=args.rpc, rpc_key=args.key, cache=False if args.no_cache else None)
     tuned = sum(1 for t in summary["tasks"] if t["records"])
     print(f"tuned {tuned} of {len(summary['tasks'])} function(s) into {summary['db']}")
     for task in summary["tasks"]:

@@ -49,13 +49,16 @@ class CompileConfig:
     dyadic rescales); only those two boundary kernels compute in float.
     ``smooth``: SmoothQuant alpha for static activation scales (``act_mode`` static and
     ``integer_only``): per-channel activation ranges are migrated into the weights before the
-    per-tensor scales are calibrated (passes.smooth_activations); 0 turns it off.
+    per-tensor scales are calibrated (passes.smooth_activations); 0 turns it off; None: the
+    path's default (0.5 static, 0.6 integer-only: passes.smooth_activations.DEFAULT_ALPHA).
     ``outlier_bits``: weight-only quantization with ``group_size`` > 0: the leading weight
     groups of a Linear whose calibrated input channels are outliers (contiguous after the
     "reorder" pass) get their own Linear with these bits (passes.outlier_split).
-    ``gemv_kernel``: kernel of a batch-1 (m = 1) QLinear: "lut" the T-MAC style lookup-table
-    GEMV (backends.lut_lowering) where it fits, "dequant" the fused dequant GEMV, "auto" (default)
-    LUT where lut_kernels.choose_m1_kernel prefers it; the recipe records the choice per layer.
+    ``gemv_kernel``: kernel of a batch-1 (m = 1) QLinear (backends.lut_lowering): "vnni" the
+    row-interleaved int8-activation VNNI GEMV (x86 AVX-512 VNNI, 2/4 bits), "lut" the T-MAC style
+    lookup-table GEMV, each where it fits; "dequant" the fused dequant GEMV; "auto" (default) VNNI
+    where it fits, else LUT where lut_kernels.choose_m1_kernel prefers it; the recipe records the
+    choice per layer.
     ``tuning_db``: a MetaSchedule database directory written by ``qcompile tune`` (targets llvm
     and arm64, the latter tuned over RPC); the build schedules the functions it has records for from them, without searching.
     """
@@ -79,7 +82,7 @@ class CompileConfig:
     act_bits: int = 16
     act_mode: str = "dynamic"
     integer_only: bool = False
-    smooth: float = 0.5
+    smooth: float | None = None
     tuning_db: str | None = None
     outlier_bits: int | None = None
     gemv_kernel: str = "auto"
@@ -94,12 +97,12 @@ class CompileConfig:
             raise InputError(f"--integer-only needs --act-bits 8 (got {self.act_bits})")
         if self.act_bits == 8 and self.bits not in (4, 8):
             raise InputError(f"--act-bits 8 needs --bits 8 or 4 (got {self.bits})")
-        if not 0.0 <= self.smooth <= 1.0:
+        if self.smooth is not None and not 0.0 <= self.smooth <= 1.0:
             raise InputError(f"--smooth must lie in [0, 1] (got {self.smooth})")
         if self.fallback not in ("off", "auto"):
             raise InputError(f"--fallback must be off or auto (got '{self.fallback}')")
-        if self.gemv_kernel not in ("auto", "lut", "dequant"):
-            raise InputError(f"--gemv-kernel must be auto, lut or dequant (got '{self.gemv_kernel}')")
+        if self.gemv_kernel not in ("auto", "vnni", "lut", "dequant"):
+            raise InputError(f"--gemv-kernel must be auto, vnni, lut or dequant (got '{self.gemv_kernel}')")
         if self.target not in SUPPORTED_TARGETS:
             raise InputError(f"--target must be one of {', '.join(SUPPORTED_TARGETS)} (got '{self.target}')")
         if self.tuning_db is not None and self.target not in ("llvm", "arm64"):

@@ -3,6 +3,8 @@
 compile: import (ONNX file / ModelProto / torch.nn.Module) -> passes (qcompile.pipeline
 lists them) -> lower + build for the target -> measure accuracy of the built library
 against the float reference interpreter -> write the artifact atomically (artifact.py).
+The graphs after the passes, the built payload and the verify step's interpreter outputs are
+taken from the compile cache (cache.py) when an identical earlier compile stored them.
 """
 
 from __future__ import annotations
@@ -11,14 +13,19 @@ import hashlib
 import importlib
 import logging
 import os
+import shutil
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__, artifact
+from . import cache_stages as stages
+from .cache import CacheSession, open_cache
 from .config import CompileConfig
 from .errors import InputError, ModelFormatError
 from .ir import Graph
@@ -44,27 +51,69 @@ def _phase(name: str, timings: dict):
 # ---------------------------------------------------------------------------- import
 def import_model(model, shapes=None, example_inputs=None) -> tuple[Graph, str]:
     """Return (IR graph, sha256 of the source model)."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover
-        torch = None
-    if torch is not None and isinstance(model, torch.nn.Module):
-        from .frontends.torch_frontend import load_torch, module_sha256
+    return _load_model(model, shapes, example_inputs), model_sha256(model)
+
+
+def _load_model(model, shapes=None, example_inputs=None, fuse_qdq: bool = True) -> Graph:
+    if _is_torch_module(model):
+        from .frontends.torch_frontend import load_torch
 
         if example_inputs is None:
             raise InputError("compiling a torch.nn.Module needs example_inputs=(tensor, ...)")
-        return load_torch(model, example_inputs), module_sha256(model)
+        return load_torch(model, example_inputs)
+    _check_onnx_source(model)
     from .frontends.onnx_frontend import load_onnx
 
+    return load_onnx(model, shapes=shapes, fuse_qdq=fuse_qdq)
+
+
+def model_sha256(model) -> str:
+    """sha256 of an ONNX file's bytes, a ModelProto's serialization or a torch module's state."""
+    if _is_torch_module(model):
+        from .frontends.torch_frontend import module_sha256
+
+        return module_sha256(model)
+    _check_onnx_source(model)
     if isinstance(model, (str, os.PathLike)):
-        path = Path(model)
-        if not path.is_file():
-            raise ModelFormatError(f"{path}: no such model file")
-        digest = artifact.sha256_file(path)
-        return load_onnx(path, shapes=shapes), digest
-    if hasattr(model, "SerializeToString"):
-        return load_onnx(model, shapes=shapes), hashlib.sha256(model.SerializeToString()).hexdigest()
-    raise InputError(f"cannot compile an object of type {type(model).__name__}: pass an ONNX path, ModelProto or torch.nn.Module")
+        return artifact.sha256_file(Path(model))
+    return hashlib.sha256(model.SerializeToString()).hexdigest()
+
+
+def _check_onnx_source(model) -> None:
+    if isinstance(model, (str, os.PathLike)):
+        if not Path(model).is_file():
+            raise ModelFormatError(f"{model}: no such model file")
+    elif not hasattr(model, "SerializeToString"):
+        raise InputError(f"cannot compile an object of type {type(model).__name__}: "
+                         "pass an ONNX path, ModelProto or torch.nn.Module")
+
+
+def _is_torch_module(model) -> bool:
+    torch = sys.modules.get("torch")  # a torch.nn.Module exists only once torch is imported
+    return torch is not None and isinstance(model, torch.nn.Module)
+
+
+def _import_tvm() -> None:
+    """Import TVM, hiding torch from it unless torch is loaded already.
+
+    tvm_ffi imports torch eagerly (2-3 s) for DLPack interop that qcompile does not use; hidden,
+    TVM runs without that optional interop. A later ``import torch`` works as usual.
+    """
+    if "tvm" in sys.modules:
+        return
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # makes `import torch` raise ImportError
+    try:
+        import tvm.relax  # noqa: F401
+    finally:
+        if hide and "torch" in sys.modules and sys.modules["torch"] is None:
+            del sys.modules["torch"]
+
+
+def _import_backend(target: str):
+    _import_tvm()
+    return importlib.import_module(BACKENDS[target])
 
 
 # ---------------------------------------------------------------------------- verify
@@ -90,15 +139,24 @@ def _resolve_config(config: CompileConfig | None, overrides: dict) -> CompileCon
     return replace(config, **overrides) if overrides else config
 
 
-def _prepare(model, config: CompileConfig, example_inputs, calibration, timings: dict):
+def _prepare(model, config: CompileConfig, example_inputs, calibration, timings: dict, session: CacheSession):
     """Import, passes and the profitability check shared by compile and tune.
 
+    The graphs after the passes come from the "front" cache entry when ``session`` has it.
     Returns (float_graph, graph_to_build, source sha256, backend module, target)."""
     with _phase("import", timings):
-        graph, model_sha = import_model(model, config.shapes, example_inputs)
+        model_sha = model_sha256(model)
+        document = partial(stages.front_document, model, model_sha, config, calibration)
+        graphs = session.fetch("front", document, stages.read_graphs)
+        if graphs is None:
+            # --requantize: QDQ groups keep their float reading, which DequantizeImportedPass undoes
+            graph = _load_model(model, config.shapes, example_inputs, fuse_qdq=not config.requantize)
     with _phase("passes", timings):
-        float_graph, graph = optimize(graph, config, calibration=calibration)
-    backend = importlib.import_module(BACKENDS[config.target])
+        if graphs is None:
+            graphs = optimize(graph, config, calibration=calibration)
+            session.keep("front", stages.graphs_files(graphs))
+    float_graph, graph = graphs
+    backend = _import_backend(config.target)
     target = _make_target(backend, config)
     if graph is not float_graph:
         graph = _profitability(graph, float_graph, target, config.fallback)
@@ -107,7 +165,8 @@ def _prepare(model, config: CompileConfig, example_inputs, calibration, timings:
 
 
 def compile(model, config: CompileConfig | None = None, *, output=None, example_inputs=None,
-            eval_inputs: dict | None = None, calib_inputs: dict | None = None, **overrides) -> "Artifact":
+            eval_inputs: dict | None = None, calib_inputs: dict | None = None, cache=None,
+            **overrides) -> "Artifact":
     """Compile ``model`` for ``config.target`` and write the artifact to ``output``.
 
     ``model``: path to an ONNX file, an ``onnx.ModelProto`` or a ``torch.nn.Module`` (then
@@ -116,18 +175,22 @@ def compile(model, config: CompileConfig | None = None, *, output=None, example_
     ``eval_inputs``: inputs for the compile-time accuracy check (default: synthesized).
     ``calib_inputs``: calibration arrays for GPTQ / mixed precision / reorder (default:
     ``config.calib``, else ``eval_inputs``); the leading axis may hold several samples.
+    ``cache``: the compile cache (:mod:`qcompile.cache`) of an ONNX model: None = the default
+    directory, False = off, a path = that directory. It reuses the graphs after the passes, the
+    built library and the interpreter outputs of the verify step; the artifact is the same either way.
     """
     config = _resolve_config(config, overrides)
     if output is None:
         raise InputError("compile needs output=DIRECTORY for the artifact")
     timings: dict[str, float] = {}
+    session = _cache_session(cache, example_inputs)
     calibration = calib_inputs if calib_inputs is not None else eval_inputs
-    float_graph, graph, model_sha, backend, target = _prepare(model, config, example_inputs, calibration, timings)
+    float_graph, graph, model_sha, backend, target = _prepare(model, config, example_inputs, calibration, timings,
+                                                              session)
     with artifact.staging_dir(Path(output)) as stage:
         with _phase("build", timings):
-            executable, tuning = _build(backend, graph, target, config.tuning_db)
-            payload, device = _export(backend, config, executable, stage)
-        report = {"timings_s": timings, **({"tuning": tuning} if tuning else {})}
+            payload, device, tuning = _build_payload(backend, graph, target, config, stage, session)
+        report = {"tuning": tuning} if tuning else {}
         accuracy = {}
         if config.verify and not _can_run_here(backend, config):
             logger.warning("qemu-aarch64 not found: the arm64 artifact is not checked at compile time")
@@ -135,7 +198,7 @@ def compile(model, config: CompileConfig | None = None, *, output=None, example_
         elif config.verify:
             with _phase("verify", timings):
                 feeds = check_feeds(graph, eval_inputs) if eval_inputs is not None else synthesize_inputs(graph)
-                layers, ref_out, fq_out = layer_report(float_graph, graph, feeds)
+                layers, ref_out, fq_out = _reference_outputs(float_graph, graph, feeds, target, session)
                 compiled = CompiledModel(stage / LIBRARY, graph.inputs, graph.outputs, config.num_threads,
                                          target=config.target)
                 got = compiled.run(feeds)
@@ -152,6 +215,7 @@ def compile(model, config: CompileConfig | None = None, *, output=None, example_
         if device:
             manifest["device"] = device
         artifact.write_json(stage / artifact.MANIFEST, manifest)
+        artifact.write_json(stage / artifact.TIMINGS, {"timings_s": timings, "cache": session.use})
     logger.info("wrote %s", output)
     return Artifact(Path(output), manifest)
 
@@ -168,9 +232,46 @@ def _build(backend, graph: Graph, target, tuning_db: str | None):
         raise InputError(str(err)) from None
 
 
+# ---------------------------------------------------------------------------- compile cache stages
+def _cache_session(setting, example_inputs) -> CacheSession:
+    """The compile cache of ``setting`` (see :func:`compile`); none for a torch module (its
+    example inputs are not part of any key)."""
+    return CacheSession(None if example_inputs is not None else open_cache(setting))
+
+
+def _build_payload(backend, graph: Graph, target, config: CompileConfig, stage: Path, session: CacheSession):
+    """Build and export into ``stage``, or copy the "build" cache entry's files there.
+
+    Returns (payload file names, manifest ``device`` section, tuning report or None)."""
+    document = partial(stages.build_document, session.keys.get("front"), config, target)
+    cached = session.fetch("build", document, stages.read_build)
+    if cached is not None:
+        entry, built = cached
+        for name in built["payload"]:
+            (stage / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(entry / name, stage / name)
+        return built["payload"], built["device"], built["tuning"]
+    executable, tuning = _build(backend, graph, target, config.tuning_db)
+    payload, device = _export(backend, config, executable, stage)
+    session.keep("build", stages.build_files(stage, payload, device, tuning))
+    return payload, device, tuning
+
+
+def _reference_outputs(float_graph: Graph, graph: Graph, feeds: dict, target, session: CacheSession):
+    """:func:`layer_report` of the verify step, or the "reference" cache entry's copy of it."""
+    if "front" in session.keys:
+        cached = session.fetch("reference", stages.reference_document(session.keys["front"], target, feeds),
+                               stages.read_reference)
+        if cached is not None:
+            return cached
+    layers, ref_out, fq_out = layer_report(float_graph, graph, feeds)
+    session.keep("reference", stages.reference_files(layers, ref_out, fq_out))
+    return layers, ref_out, fq_out
+
+
 def tune(model, config: CompileConfig | None = None, *, trials: int, db=None, example_inputs=None,
          calib_inputs: dict | None = None, progress: bool = True, rpc: str | None = None,
-         rpc_key: str | None = None, **overrides) -> dict:
+         rpc_key: str | None = None, cache=None, **overrides) -> dict:
     """Tune the functions of ``model`` that have no hand schedule with MetaSchedule.
 
     Runs compile's import and passes (same ``config``), then
@@ -179,6 +280,7 @@ def tune(model, config: CompileConfig | None = None, *, trials: int, db=None, ex
     summary; compile with ``tuning_db=<that directory>`` to use the records.
     ``rpc`` ("HOST:PORT" of a TVM RPC tracker) and ``rpc_key``: measure on the servers
     registered there with that key (:mod:`qcompile.backends.rpc`); needed for target arm64.
+    ``cache``: as for :func:`compile` (the graphs after the passes are shared with it).
     """
     config = _resolve_config(config, overrides)
     if config.target != "llvm" and not (config.target == "arm64" and rpc):
@@ -187,11 +289,13 @@ def tune(model, config: CompileConfig | None = None, *, trials: int, db=None, ex
         raise InputError(f"--trials must be a positive integer (got {trials!r})")
     if rpc_key and not rpc:
         raise InputError("--key applies with --rpc HOST:PORT (the RPC tracker)")
+    _import_tvm()
     from qcompile.backends import rpc as rpc_farm
     from qcompile.backends.llvm import tuning
 
     farm = rpc_farm.connect_farm(rpc, rpc_key) if rpc else None  # fail fast, before the passes
-    _, graph, _, _, target = _prepare(model, config, example_inputs, calib_inputs, {})
+    session = _cache_session(cache, example_inputs)
+    _, graph, _, _, target = _prepare(model, config, example_inputs, calib_inputs, {}, session)
     return tuning.tune(graph, target, db or tuning.default_db_dir(target), trials, progress=progress, farm=farm)
 
 
@@ -252,6 +356,7 @@ def _io_spec(graph: Graph, names) -> list[dict]:
 
 
 def _manifest(graph, config, model_sha, accuracy, report, stage, payload) -> dict:
+    _import_tvm()
     import tvm
 
     return {
@@ -281,6 +386,7 @@ class CompiledModel:
     def __init__(self, library: Path, input_names, output_names, num_threads=None, target: str = "llvm"):
         self.input_names = list(input_names)
         self.output_names = list(output_names)
+        _import_tvm()
         if target == "arm64":
             from qcompile.backends.arm64 import open_module
 

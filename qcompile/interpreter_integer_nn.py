@@ -1,6 +1,7 @@
 """Reference kernels of the integer-only transformer ops (I-BERT style, no float anywhere).
 
-``IntMatMul``, ``IntLayerNorm``, ``IntSoftmax``, ``Lut``, ``IntDiv`` and ``IntReduceL2``; merged
+``IntMatMul``, ``IntLayerNorm``, ``IntSoftmax``, ``Lut``, ``IntDiv``, ``IntReduceL2`` and
+``IntRowQuantize``; merged
 into :data:`qcompile.interpreter.KERNELS`, semantics in :mod:`qcompile.ops`. Every function
 here is written as the exact sequence of integer operations that the compiled TIR performs
 (:mod:`qcompile.backends.integer_nn_kernels`), so the two agree bit for bit:
@@ -18,7 +19,8 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["INTEGER_NN_KERNELS", "isqrt", "bit_length", "int_layer_norm", "int_softmax", "lut", "int_div",
-           "int_matmul", "int_reduce_l2", "NEWTON_STEPS", "SOFTMAX_OUT_BITS", "DIFF_CAP"]
+           "int_matmul", "int_reduce_l2", "int_row_quantize", "NEWTON_STEPS", "SOFTMAX_OUT_BITS", "DIFF_CAP",
+           "ROW_CODE_BITS"]
 
 NEWTON_STEPS = 6
 SOFTMAX_OUT_BITS = 15  # IntSoftmax output: probabilities at scale 2**-15
@@ -26,6 +28,7 @@ DIFF_CAP = 1 << 24  # IntSoftmax clamps max - x here before rescaling it (no int
 VAR_BITS = 16  # IntLayerNorm: the variance is scaled by 2**16 before its square root (std * 2**8)
 INV_BITS = 46  # IntLayerNorm: per-row reciprocal 2**46 // std
 NORM_DROP = 16  # IntLayerNorm: (c * inv) >> 16 = c / std * 2**22
+ROW_CODE_BITS = 7  # IntRowQuantize: a row's largest |x| is shifted below 2**7 (int8 codes)
 
 
 def _rshift_round(x: np.ndarray, shift: int) -> np.ndarray:
@@ -123,6 +126,23 @@ def int_reduce_l2(x: np.ndarray, axes, keepdims: bool) -> np.ndarray:
     return isqrt((x64 * x64).sum(axis=tuple(axes), keepdims=keepdims)).astype(np.int32)
 
 
+def int_row_quantize(x: np.ndarray, max_shift: int) -> tuple[np.ndarray, np.ndarray]:
+    """Dynamic power-of-two codes per row (last axis) of int32 ``x``: (uint8 codes, int32 ``2**r`` [..., 1]).
+
+    ``a = max |x|`` over the row (int32); ``r = sum_{j=7}^{6 + max_shift} [a >= 2**j]`` (=
+    ``clip(bit_length(a) - 7, 0, max_shift)``); ``mult = 1 << r``; codes
+    ``clip((x + (mult >> 1)) // mult, -127, 127) + 128``, so ``x ~= (codes - 128) * mult``.
+    """
+    x = x.astype(np.int32)
+    a = np.maximum(x, -x).max(axis=-1, keepdims=True)
+    r = np.zeros_like(a)
+    for j in range(ROW_CODE_BITS, ROW_CODE_BITS + max_shift):
+        r = r + (a >= np.int32(1 << j)).astype(np.int32)
+    mult = np.left_shift(np.int32(1), r).astype(np.int32)
+    q = (x + (mult >> np.int32(1))) // mult
+    return (np.clip(q, -127, 127) + 128).astype(np.uint8), mult
+
+
 INTEGER_NN_KERNELS = {
     "IntMatMul": lambda g, n, a: int_matmul(a[0], a[1], n.attrs.get("a_zero", 0), n.attrs.get("b_zero", 0)),
     "IntLayerNorm": lambda g, n, a: int_layer_norm(a[0], a[1], a[2], n.attrs["pre_shift"], n.attrs["out_shift"]),
@@ -130,4 +150,5 @@ INTEGER_NN_KERNELS = {
     "Lut": lambda g, n, a: lut(a[0], a[1], n.attrs.get("offset", 0)),
     "IntDiv": lambda g, n, a: int_div(a[0], a[1], n.attrs["num"], n.attrs["den"]),
     "IntReduceL2": lambda g, n, a: int_reduce_l2(a[0], n.attrs["axes"], bool(n.attrs["keepdims"])),
+    "IntRowQuantize": lambda g, n, a: int_row_quantize(a[0], n.attrs["max_shift"]),
 }

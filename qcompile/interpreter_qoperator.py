@@ -24,6 +24,13 @@ Merged into :data:`qcompile.interpreter.KERNELS`; semantics in :mod:`qcompile.op
   divided by the number of elements inside the input (the whole window with
   ``count_include_pad``), then ``rne(y / y_s + y_zp)`` saturated
   (the zero point is added before rounding, unlike QuantizeLinear).
+* QLinearSoftmax: onnxruntime's ``QlinearSoftmaxCPU<uint8_t>`` along the last axis: with
+  ``e = table[x - max(x) + 255]`` (float32; the table is built at import), the row sum
+  ``s = e_0 + e_1 + ...`` is accumulated in float32 in index order, and
+  ``y = min(rne((e * y_multiplier) / s) + y_zero_point, 255)``, each operation rounded to
+  float32 (``y_multiplier = floor(1 / y_scale)``). A NaN quotient (an infinite ``x_scale``
+  makes the table's last entry ``0 * inf``: calibrated attention masks do) gives the code 0,
+  whatever the zero point (onnxruntime 1.32 on x86-64, measured).
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import numpy as np
 from .interpreter_integer import CODE_ZERO, int_conv
 
 __all__ = ["QOPERATOR_KERNELS", "conv_integer", "qlinear_add", "span_scalar", "qlinear_mul", "qlinear_average_pool",
-           "pool_counts", "pool_output_size"]
+           "pool_counts", "pool_output_size", "qlinear_softmax", "sequential_sum"]
 
 _F32, _F64 = np.float32, np.float64
 
@@ -100,6 +107,24 @@ def qlinear_average_pool(x, x_s, x_zp, y_s, y_zp, kernel, strides, pads, include
     return np.clip(np.rint(t), qmin, qmax).astype(dtype)
 
 
+def sequential_sum(x: np.ndarray) -> np.ndarray:
+    """float32 sum over the last axis, ``((x_0 + x_1) + x_2) + ...``: each add rounded to float32."""
+    acc = np.zeros(x.shape[:-1], _F32)
+    for k in range(x.shape[-1]):
+        acc = acc + x[..., k]
+    return acc
+
+
+def qlinear_softmax(x, table, y_multiplier, y_zero_point) -> np.ndarray:
+    """uint8 softmax along the last axis (onnxruntime's kernel, see the module docstring)."""
+    index = x.astype(np.int32) - x.max(axis=-1, keepdims=True).astype(np.int32) + 255
+    e = np.asarray(table, _F32)[index]
+    with np.errstate(invalid="ignore"):
+        t = (e * _F32(y_multiplier)) / sequential_sum(e)[..., None]
+    y = np.minimum(np.rint(t) + _F32(y_zero_point), _F32(255))
+    return np.where(np.isnan(y), _F32(0), y).astype(np.uint8)
+
+
 def _conv_integer(g, n, a):
     at, r = n.attrs, a[0].ndim - 2
     args = list(a) + [None] * (4 - len(a))
@@ -125,5 +150,9 @@ def _qlinear_average_pool(g, n, a):
                                 bool(at.get("count_include_pad", False)), at["qmin"], at["qmax"], at["dtype"])
 
 
+def _qlinear_softmax(g, n, a):
+    return qlinear_softmax(a[0], a[1], n.attrs["y_multiplier"], n.attrs["y_zero_point"])
+
+
 QOPERATOR_KERNELS = {"ConvInteger": _conv_integer, "QLinearAdd": _qlinear_add, "QLinearMul": _qlinear_mul,
-                     "QLinearAveragePool": _qlinear_average_pool}
+                     "QLinearAveragePool": _qlinear_average_pool, "QLinearSoftmax": _qlinear_softmax}

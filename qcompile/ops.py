@@ -56,6 +56,10 @@ Quantization (numerics of the ONNX specification; see qcompile.interpreter_quant
       elements inside the input, or the whole window with count_include_pad), then
       clip(rne(y / y_scale + y_zero_point), qmin, qmax). attrs: x_scale, x_zero_point, y_scale,
       y_zero_point, kernel_shape, strides, pads, count_include_pad, qmin, qmax, dtype
+  QLinearSoftmax(x uint8, table f32 [256]) -> uint8: com.microsoft.QLinearSoftmax on the last
+      axis: e = table[x - max(x) + 255], s = float32 sum of e in index order,
+      y = min(rne(e * y_multiplier / s) + y_zero_point, 255) (a NaN quotient: 0).
+      attrs: y_multiplier, y_zero_point
 
 Activation quantization, W8A8 (reference: qcompile.interpreter_int8). Codes are uint8 with
 zero point 128: u = q + 128, q in [-127, 127]; rounding is half to even.
@@ -95,6 +99,9 @@ TVM's tirx.q_multiply_shift_per_axis with q = 31 (int32 results wrap).
   Lut(x int32 | uint8, table [T]) -> table dtype: table[clip(x + offset, 0, T - 1)]; attr offset.
   IntDiv(a int32, b int32) -> int32: round_half_up(a * num / (max(b, 1) * den)); attrs num, den.
   IntReduceL2(x int32) -> int32: isqrt(sum x**2) over axes; attrs axes, keepdims.
+  IntRowQuantize(x int32 [..., K]) -> (codes uint8 [..., K], mult int32 [..., 1]): dynamic
+      power-of-two codes per row; attr max_shift. a = max |x| over the row, r = clip(bit_length(a)
+      - 7, 0, max_shift), mult = 2**r, codes = clip((x + mult / 2) // mult, -127, 127) + 128.
   The integer graph also uses Clip, MaxPool, ReduceSum, Add, Sub, Mul, Where, Cast and data movement on
   integer dtypes (their generic semantics, exact). Its float boundary: QuantizeAct (static) of a
   graph input, DequantizeLinear of a graph output.
@@ -132,7 +139,8 @@ OTHER_OPS = frozenset(
     Gather Slice Concat Expand Conv MaxPool AveragePool GlobalAveragePool
     QuantizeLinear DequantizeLinear DynamicQuantizeLinear MatMulInteger
     QuantizeAct Int8Linear IntLinear IntConv Requantize ConvInteger QLinearAdd QLinearMul QLinearAveragePool
-    IntMatMul IntLayerNorm IntSoftmax Lut IntDiv IntReduceL2""".split()
+    QLinearSoftmax
+    IntMatMul IntLayerNorm IntSoftmax Lut IntDiv IntReduceL2 IntRowQuantize""".split()
 )
 ALL_OPS = ELEMENTWISE_BINARY | ELEMENTWISE_UNARY | REDUCTIONS | OTHER_OPS
 

@@ -27,6 +27,9 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
 def unpack_codes(packed: np.ndarray, bits: int, k: int) -> np.ndarray:
     """Inverse of :func:`pack_codes`: uint8[N, ceil(K*bits/8)] -> uint8 codes[N, K]."""
     n = packed.shape[0]
+    if 8 % bits == 0:  # whole codes per byte (2, 4, 8 bits): shift and mask, no bit planes
+        codes = (packed[:, :, None] >> np.arange(0, 8, bits, dtype=np.uint8)) & np.uint8((1 << bits) - 1)
+        return np.ascontiguousarray(codes.reshape(n, -1)[:, :k])
     bit_stream = np.unpackbits(packed, axis=1, bitorder="little")[:, : k * bits]
     planes = bit_stream.reshape(n, k, bits).astype(np.uint8)
     return (planes << np.arange(bits, dtype=np.uint8)).sum(axis=2, dtype=np.uint8)

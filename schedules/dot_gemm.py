@@ -64,15 +64,19 @@ def largest_divisor(value: int, cap: int) -> int:
     return next(d for d in range(min(cap, value), 0, -1) if value % d == 0)
 
 
-def schedule_dot_gemm(sch, block: str, epilogue: str, *, mr: int, nv: int, lanes: int, intrin: str) -> None:
-    """Tile and tensorize the packed int8 GEMM (module docstring); the epilogue is computed per row block."""
+def schedule_dot_gemm(sch, block: str, epilogue: str, *, mr: int, nv: int, lanes: int, intrin: str,
+                      per_batch: bool = False):
+    """Tile and tensorize the packed int8 GEMM (module docstring); the epilogue is computed per row
+    block. Loops before (i, j, r) are batch loops: they join the parallel loop, or with
+    ``per_batch`` are the only parallel loop (fused; returned, for stages computed per batch)."""
     mm = sch.get_sblock(block)
-    i, j, r = sch.get_loops(mm)
+    *batch, i, j, r = sch.get_loops(mm)
     io, ii = sch.split(i, [None, mr])
     jo, jv, ji = sch.split(j, [None, nv, lanes])
     ro, ri = sch.split(r, [None, 4])
-    sch.reorder(jo, io, ro, ii, jv, ji, ri)
-    init, epi = _tensorize_tiles(sch, mm, epilogue, (jo, io, ro, ii, jv, ji), intrin)
+    sch.reorder(jo, io, ro, ii, jv, ji, ri)  # batch loops stay outermost
+    parallel = batch if per_batch else (*batch, jo, io)
+    init, epi = _tensorize_tiles(sch, mm, epilogue, (jo, io, ro, ii, jv, ji), intrin, parallel)
     *_, row, vec, lane = sch.get_loops(init)  # the init block keeps the (mr, nv, lanes) split
     sch.unroll(row)
     sch.unroll(vec)
@@ -82,17 +86,20 @@ def schedule_dot_gemm(sch, block: str, epilogue: str, *, mr: int, nv: int, lanes
     co, cv = sch.split(col, [None, lanes])
     sch.vectorize(cv)
     sch.unroll(co)
+    return sch.get_loops(init)[0] if per_batch else None
 
 
-def _tensorize_tiles(sch, mm, epilogue: str, loops, intrin: str):
+def _tensorize_tiles(sch, mm, epilogue: str, loops, intrin: str, parallel=None):
     """Shared by both GEMM schedules: ``loops`` = (column panel, row block, k, mr, nv, intrinsic
-    loop). Epilogue per row block, accumulator in registers, panels x blocks in parallel, the
-    intrinsic tensorized, the register tile unrolled. Returns (init block, epilogue block)."""
+    loop). Epilogue per row block, accumulator in registers, the ``parallel`` loops (default:
+    panels x blocks) fused and parallel, the intrinsic tensorized, the register tile unrolled.
+    Returns (init block, epilogue block)."""
     jo, io, ro, ii, jv, inner = loops
     epi = sch.get_sblock(epilogue)
     sch.reverse_compute_at(epi, io)
     sch.set_scope(mm, 0, "local")
-    sch.parallel(sch.fuse(jo, io))
+    parallel = parallel or (jo, io)
+    sch.parallel(sch.fuse(*parallel) if len(parallel) > 1 else parallel[0])
     init = sch.decompose_reduction(mm, ro)
     sch.tensorize(inner, intrin)
     sch.unroll(ii)

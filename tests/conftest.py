@@ -3,10 +3,16 @@ onnxruntime's quantizers (the last two cached per session)."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+
+# compiles in tests run every stage (a cache hit would hide a monkeypatched pass or backend);
+# tests/test_compile_cache.py passes its own cache directory
+os.environ.setdefault("QCOMPILE_NO_CACHE", "1")
 
 
 def make_mlp_onnx(path, in_dim=64, hidden=128, out_dim=32, batch=4, seed=0, dynamic_batch=False):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import helper, numpy_helper
 
+from qcompile.frontends.onnx_qdq_fusion import qdq_groups
 from qcompile.frontends.onnx_quant import QRANGE
 from qcompile.interpreter_quant import dynamic_quantize_linear, matmul_integer, quantize_linear
 
@@ -33,20 +34,24 @@ def quant_nodes(model) -> list:
 
 def expose_quant_tensors(model) -> list[str]:
     """Add every run-time input and output of :func:`quant_nodes` to the graph outputs (in
-    place); return the names of all graph outputs, in order."""
+    place); return the names of all graph outputs, in order. The float input of a
+    QuantizeLinear that ends a QDQ group is left out: exposing it would keep the importer from
+    fusing the group (``onnx_qdq_fusion``), and the fused kernel never computes it."""
     consts = _consts(model)
-    wanted = {name for n in quant_nodes(model) for name in list(n.input) + list(n.output) if name and name not in consts}
+    fused = {op.output[0] for op, _, _ in qdq_groups(model)}
+    wanted = {name for n in quant_nodes(model) for name in list(n.input) + list(n.output)
+              if name and name not in consts and name not in fused}
     known = {o.name for o in model.graph.output}
     model.graph.output.extend(helper.make_empty_tensor_value_info(v) for v in sorted(wanted - known))
     return [o.name for o in model.graph.output]
 
 
 def check_quant_nodes(model, values: dict) -> int:
-    """Assert each of :func:`quant_nodes`, fed its observed inputs from ``values`` (name ->
-    array; initializers are taken from the model), reproduces its observed outputs exactly.
-    Returns the number of nodes checked."""
+    """Assert each of :func:`quant_nodes` whose input was observed, fed its observed inputs from
+    ``values`` (name -> array; initializers are taken from the model), reproduces its observed
+    outputs exactly. Returns the number of nodes checked."""
     env = {**_consts(model), **values}
-    nodes = quant_nodes(model)
+    nodes = [n for n in quant_nodes(model) if n.input[0] in env]
     for n in nodes:
         args = [env[i] if i else None for i in n.input]
         if n.op_type == "QuantizeLinear":

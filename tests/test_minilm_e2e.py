@@ -75,7 +75,7 @@ def test_w8a8_integer_only_is_bit_exact_float_free_and_close(tmp_path, minilm_on
     check = art.manifest["accuracy"]["embedding"]
     assert check["compiled_vs_fake_quant"]["max_abs_error"] == 0.0
     got = qcompile.load(art.path)(**feeds)
-    assert _cosine(reference[:count], got) >= 0.98
+    assert _cosine(reference[:count], got) >= 0.994  # 32 sentences: 0.9962 (per-row codes, alpha 0.6)
 
     from qcompile.driver import import_model
 

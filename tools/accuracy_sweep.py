@@ -5,10 +5,13 @@ recipes, beside onnxruntime's own quantizers, on the same 32 held-out sentences.
 Rows (:data:`ROWS`, with :data:`ROW_LABELS`): W8A8 and W4A8 (int8 per-token dynamic
 activations, symmetric per-channel weights), W4A16 g128 and W3A16 g128 (weight-only,
 asymmetric groups of 128 with clip search), mixed precision at a 2.5-bit code average
-(per-Linear widths from {2, 3, 4, 8}, g128), and W2A16 g128 whose leading outlier groups
-take 4 bits (--outlier-bits 4). Columns (:data:`COLUMNS`): RTN, +reorder, +hadamard, +both
-(function-preserving passes before RTN), then GPTQ alone and after those passes, with
-the defaults a user gets from ``--method gptq`` (act-order, dampening: passes.gptq).
+(per-Linear widths from {2, 3, 4, 8}, g128), W2A16 g128 whose leading outlier groups
+take 4 bits (--outlier-bits 4), and W2A16 g128, the 2.0-bit average (mixed precision at a
+2.0 budget over {2, 3, 4, 8} can only choose 2 bits everywhere; 2-bit grids have float
+zero points, refit after GPTQ: passes.rtn, passes.gptq). Columns (:data:`COLUMNS`): RTN,
++reorder, +hadamard, +both (function-preserving passes before RTN), then GPTQ alone and
+after those passes, with the defaults a user gets from ``--method gptq`` (act-order,
+dampening: passes.gptq).
 Embedding tables are 8-bit in every row. Every qcompile figure is the reference
 interpreter's output of the quantized graph (what the compiled code reproduces; see the
 artifact's compiled_vs_fake_quant figure). Calibration (reorder, GPTQ, outlier split,
@@ -41,6 +44,8 @@ ROWS = {
     "W3A16g128": dict(bits=3, group_size=128),
     "mixed2.5": dict(bits=2.5, group_size=128),
     "W2A16g128+o4": dict(bits=2, group_size=128, outlier_bits=4),
+    "W2A16g128": dict(bits=2, group_size=128),
+    "W8A8int": dict(bits=8, act_bits=8, integer_only=True),
 }
 ROW_LABELS = {
     "W8A8": "W8A8 (int8 dynamic per-token acts, W8 per-channel sym)",
@@ -49,6 +54,8 @@ ROW_LABELS = {
     "W3A16g128": "W3A16 g128 (weight-only, asym)",
     "mixed2.5": "mixed {2,3,4,8} at 2.5-bit avg, g128",
     "W2A16g128+o4": "W2A16 g128, outlier groups 4-bit",
+    "W2A16g128": "W2A16 g128 (2.0-bit average)",
+    "W8A8int": "W8A8 integer-only (static scales, per-row power-of-two codes at linear inputs)",
 }
 COLUMNS = {
     "rtn": dict(),

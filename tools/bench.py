@@ -15,12 +15,13 @@ Parts:
    fraction of the --threads figure. 4096x4096 4-bit weights (8 MB) fit in a 32 MB L3, so
    repeated calls can exceed the DRAM figure.
 2. decode GEMV, x[1, k] @ W (W given as out x in = n x k, as PyTorch stores it):
-   4096x4096, 11008x4096, 4096x11008. qcompile kernels (fp32 GEMV; W8/W4/W2 with f32
-   activations, and "A8" = int8 activations through VNNI, the scheme of onnxruntime
-   MatMulNBits accuracy_level 4) vs onnxruntime MatMul fp32, onnxruntime int8 dynamic
-   (quantize_dynamic), onnxruntime MatMulNBits 4-bit block 128 accuracy_level 4, torch eager.
-   "LUT W4/W2 g128": the T-MAC style lookup-table GEMV (backends/lut_kernels.py; compiled
-   models use it for batch-1 QLinears, --gemv-kernel auto).
+   4096x4096, 11008x4096, 4096x11008. qcompile kernels (fp32 GEMV; dequant W8/W4/W2 with f32
+   activations) vs onnxruntime MatMul fp32, onnxruntime int8 dynamic (quantize_dynamic),
+   onnxruntime MatMulNBits 4-bit block 128 accuracy_level 4, torch eager.
+   "VNNI W4/W2 g128": the row-interleaved int8-activation vpdpbusd GEMV (backends/gemv_vnni.py,
+   the scheme of MatMulNBits accuracy_level 4; compiled models use it for batch-1 QLinears on
+   AVX-512 VNNI hosts, --gemv-kernel auto); "LUT W4/W2 g128": the T-MAC style lookup-table
+   GEMV (backends/lut_kernels.py; --gemv-kernel lut, or auto without VNNI).
 3. all-MiniLM-L6-v2, seq 128, batch 1 and 8: qcompile fp32 / W8 / W4 g32 / W4 g128 / W2 g32
    (weight-only, f32 activations) vs onnxruntime fp32, onnxruntime int8 dynamic, onnxruntime
    MatMulNBits 4-bit, torch eager, plain TVM fp32 (TVM's from_onnx + default tvm.compile on
@@ -47,13 +48,13 @@ from pathlib import Path
 from qcompile.timing import time_contenders
 
 GEMV_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (n = out, k = in)
-# label, bits, group, symmetric, int8 activations
-GEMV_QVARIANTS = [("W8", 8, 0, True, False), ("W8A8", 8, 0, True, True),
-                  ("W4 g32", 4, 32, False, False), ("W4A8 g32", 4, 32, False, True),
-                  ("W4 g128", 4, 128, False, False), ("W4A8 g128", 4, 128, False, True),
-                  ("W2 g128", 2, 128, False, False), ("W2A8 g128", 2, 128, False, True)]
-# T-MAC style lookup-table GEMV (backends/lut_kernels.py): label, bits, group, symmetric
-GEMV_LUT_VARIANTS = [("LUT W4 g128", 4, 128, False), ("LUT W2 g128", 2, 128, False)]
+# fused dequant GEMV (backends/gemv_kernels.py): label, bits, group, symmetric
+GEMV_QVARIANTS = [("W8", 8, 0, True), ("W4 g32", 4, 32, False), ("W4 g128", 4, 128, False),
+                  ("W2 g128", 2, 128, False)]
+# GEMVs on a compile-time repacked layout (backends/gemv_vnni.py, backends/lut_kernels.py):
+# label, kernel, bits, group, symmetric
+GEMV_REPACKED_VARIANTS = [("VNNI W4 g128", "vnni", 4, 128, False), ("VNNI W2 g128", "vnni", 2, 128, False),
+                          ("LUT W4 g128", "lut", 4, 128, False), ("LUT W2 g128", "lut", 2, 128, False)]
 MINILM_VARIANTS = [("qcompile fp32", 16, 0), ("qcompile W8", 8, 0), ("qcompile W4 g32", 4, 32),
                    ("qcompile W4 g128", 4, 128), ("qcompile W2 g32", 2, 32),
                    ("qcompile W8A8 dynamic", 8, 0, {"act_bits": 8}),
@@ -151,15 +152,15 @@ def gemv_contenders(n, k, target, threads, tmp: Path) -> tuple[dict, dict]:
     calls, nbytes = {}, {}
     calls["qcompile fp32"] = _tvm_callable(kernels.linear_kernel(1, k, n, False, target), [x, w, out], target)
     nbytes["qcompile fp32"] = w.nbytes
-    for label, bits, group, sym, a8 in GEMV_QVARIANTS:
+    for label, bits, group, sym in GEMV_QVARIANTS:
         groups = k // group if group else 1
         packed = quant.pack_codes(rng.integers(0, 1 << bits, (n, k), dtype=np.uint8), bits)
         scales = rng.random((n, groups), dtype=np.float32) * 0.01
         zeros = [] if sym else [rng.integers(0, 1 << bits, (n, groups)).astype(np.float32)]
-        func = kernels.qlinear_kernel(1, k, n, bits, group, sym, False, target, act_int8=a8)
+        func = kernels.qlinear_kernel(1, k, n, bits, group, sym, False, target)
         calls[f"qcompile {label}"] = _tvm_callable(func, [x, packed, scales, *zeros, out], target)
         nbytes[f"qcompile {label}"] = packed.nbytes + scales.nbytes * (1 + len(zeros))
-    _lut_contenders(x, out, target, rng, calls, nbytes)
+    _repacked_contenders(x, out, target, rng, calls, nbytes)
     model = _matmul_model(w, 1)
     for label, blob, size in [("onnxruntime fp32", model.SerializeToString(), w.nbytes),
                               ("onnxruntime int8 dynamic", _ort_int8_dynamic(model, tmp), k * n),
@@ -177,25 +178,31 @@ def gemv_contenders(n, k, target, threads, tmp: Path) -> tuple[dict, dict]:
     return calls, nbytes
 
 
-def _lut_contenders(x, out, target, rng, calls, nbytes) -> None:
-    """Add the LUT GEMV variants (GEMV_LUT_VARIANTS) to ``calls`` / ``nbytes``: weight bytes are
-    the bit planes (same bytes as the packed codes) + per-group scales and offsets."""
+def _repacked_contenders(x, out, target, rng, calls, nbytes) -> None:
+    """Add the VNNI and LUT GEMV variants (GEMV_REPACKED_VARIANTS) that fit the target to
+    ``calls`` / ``nbytes``: weight bytes are the repacked codes (same bytes as the packed
+    codes) + per-group scales and offsets."""
     import numpy as np
 
     from qcompile import quant
-    from qcompile.backends import lut_kernels
+    from qcompile.backends import gemv_vnni, lut_kernels
     from qcompile.schedules.lut import lut_isa
 
     k, n = x.shape[1], out.shape[1]
-    for label, bits, group, sym in GEMV_LUT_VARIANTS:
-        if lut_kernels.lut_supported(k, n, bits, group, target) is not None:
+    for label, kind, bits, group, sym in GEMV_REPACKED_VARIANTS:
+        fits = gemv_vnni.vnni_supported if kind == "vnni" else lut_kernels.lut_supported
+        if fits(k, n, bits, group, target) is not None:
             continue
         packed = quant.pack_codes(rng.integers(0, 1 << bits, (n, k), dtype=np.uint8), bits)
         scales = rng.random((n, k // group), dtype=np.float32) * 0.01
         zeros = None if sym else rng.integers(0, 1 << bits, (n, k // group)).astype(np.float32)
-        lut = lut_kernels.pack_lut_weights(packed, scales, zeros, bits, group, k, lut_isa(target).rows)
-        weights = lut_kernels.lut_arrays(lut)
-        func = lut_kernels.lut_gemv_kernel(k, n, bits, group, sym, False, target)
+        if kind == "vnni":
+            weights = gemv_vnni.vnni_arrays(gemv_vnni.pack_vnni_weights(packed, scales, zeros, bits, k))
+            func = gemv_vnni.vnni_gemv_kernel(k, n, bits, group, sym, False, target)
+        else:
+            lut = lut_kernels.pack_lut_weights(packed, scales, zeros, bits, group, k, lut_isa(target).rows)
+            weights = lut_kernels.lut_arrays(lut)
+            func = lut_kernels.lut_gemv_kernel(k, n, bits, group, sym, False, target)
         calls[f"qcompile {label}"] = _tvm_callable(func, [x, *weights, out], target)
         nbytes[f"qcompile {label}"] = sum(a.nbytes for a in weights)
 

@@ -1,18 +1,20 @@
-"""Compile-time benchmark: where a compile's wall time goes, untuned and with a tuning database.
+"""Compile-time benchmark: untuned compile, tune, and compiles with the tuning database, cold and warm.
 
     python tools/bench_compile.py [--model M.onnx] [--trials 4] [--db DIR] [--runs 2] [--threads 2]
 
 Default model: all-MiniLM-L6-v2 (batch 1, seq 128, 4-bit weights in groups of 32, as ``qcompile
-demo``). Steps:
+demo``). Every compile is the CLI in a fresh process (``python -m qcompile``), so each wall time
+includes Python's start and the imports. Steps:
 
 1. unless ``--db`` already holds a database, ``qcompile tune --trials N`` into it (wall time);
-2. each compile, ``--runs`` times, in a fresh process through the CLI (what a user waits for):
-   untuned and with ``--db``, alternating. Printed per run: wall time; startup (the imports of
-   qcompile, TVM (which imports torch) and onnx, timed in that process); the driver's phases
-   from ``report.json`` (import, passes, build, verify); and the rest (interpreter start, the
-   CLI's own imports, artifact writing, exit);
-3. run-time medians of the untuned and tuned artifacts (:mod:`qcompile.timing`, one block per
-   contender, best of ``--rounds``).
+2. ``--runs`` times, in this order: the untuned compile (``--no-cache``); the ``--db`` compile
+   with an empty compile cache (cold: every stage misses and is stored); the same ``--db``
+   compile again (warm: every stage hits). Printed per compile: wall time, the driver's phases
+   from ``timings.json`` (import, passes, build, verify), the rest (Python start, imports of
+   TVM and the backend, artifact writing, exit) and which cache stages hit;
+3. run-time medians of the untuned, the first ``--db`` (cold) and the warm ``--db`` artifacts
+   (:mod:`qcompile.timing`, one block per contender, best of ``--rounds``), and whether the
+   cold and warm ``--db`` libraries are byte-identical.
 
 Timings on a shared machine are noisy: the load average is printed with them.
 """
@@ -29,26 +31,20 @@ import time
 from pathlib import Path
 
 PHASES = ("import", "passes", "build", "verify")
-MARK = "bench_compile startup_s="
-# the CLI in a fresh process, timing its module imports (qcompile, TVM, torch via tvm_ffi, onnx) first
-CLI = ("import sys, time; t = time.perf_counter(); import qcompile.driver, qcompile.backends.llvm, tvm, onnx; "
-       f"print('{MARK}%f' % (time.perf_counter() - t), file=sys.stderr); "
-       "from qcompile.cli import main; sys.exit(main(sys.argv[1:]))")
 
 
-def _run(argv: list[str]) -> tuple[float, float]:
-    """(wall seconds, startup seconds) of a CLI process."""
+def _run(argv: list[str], env: dict | None = None) -> float:
+    """Wall seconds of a process (it must succeed)."""
     start = time.perf_counter()
-    proc = subprocess.run(argv, capture_output=True, text=True)
+    proc = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, **(env or {})})
     elapsed = time.perf_counter() - start
     if proc.returncode:
         sys.exit(f"failed ({proc.returncode}): {' '.join(argv)}\n{proc.stderr[-2000:]}")
-    marks = [line for line in proc.stderr.splitlines() if line.startswith(MARK)]
-    return elapsed, float(marks[0][len(MARK):]) if marks else 0.0
+    return elapsed
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-c", CLI, *args]
+    return [sys.executable, "-m", "qcompile", *args]
 
 
 def _model_args(args) -> list[str]:
@@ -57,13 +53,24 @@ def _model_args(args) -> list[str]:
             "--threads", str(args.threads), *shapes]
 
 
-def _compile_row(args, out: Path, db: Path | None) -> dict:
-    extra = (["--db", str(db)] if db else []) + (["--no-verify"] if args.no_verify else [])
-    wall, startup = _run(_cli(*_model_args(args), "-o", str(out), "-q", *extra))
-    phases = json.loads((out / "report.json").read_text())["timings_s"]
-    row = {"wall_s": wall, "startup_s": startup, **{p: phases.get(p, 0.0) for p in PHASES}}
-    row["rest_s"] = wall - startup - sum(phases.get(p, 0.0) for p in PHASES)
+def _compile_row(args, out: Path, extra: list[str], cache_dir: Path | None) -> dict:
+    """Wall time of one CLI compile, its phases and cache use (``cache_dir`` None: --no-cache)."""
+    flags = [*extra, *(["--no-verify"] if args.no_verify else []), *(["--no-cache"] if cache_dir is None else [])]
+    env = {"QCOMPILE_CACHE_DIR": str(cache_dir)} if cache_dir else {}
+    env["QCOMPILE_NO_CACHE"] = "0"
+    wall = _run(_cli(*_model_args(args), "-o", str(out), "-q", *flags), env)
+    timings = json.loads((out / "timings.json").read_text())
+    phases = timings["timings_s"]
+    row = {"wall_s": wall, **{p: phases.get(p, 0.0) for p in PHASES}, "cache": timings.get("cache", {})}
+    row["rest_s"] = wall - sum(phases.get(p, 0.0) for p in PHASES)
     return row
+
+
+def _startup_row() -> dict:
+    """Wall seconds of a process that only imports the CLI, and one that also imports TVM and the backend."""
+    cli = _run([sys.executable, "-c", "import qcompile.cli"])
+    backend = _run([sys.executable, "-c", "import qcompile.cli, qcompile.driver as d; d._import_backend('llvm')"])
+    return {"cli": cli, "backend": backend}
 
 
 def _runtime_medians(args, artifacts: dict) -> dict:
@@ -78,8 +85,13 @@ def _runtime_medians(args, artifacts: dict) -> dict:
 
 
 def _print_row(label: str, row: dict) -> None:
-    cells = " ".join(f"{row[k]:7.2f}" for k in ("wall_s", "startup_s", *PHASES, "rest_s"))
-    print(f"  {label:22s} {cells}", flush=True)
+    cells = " ".join(f"{row[k]:7.2f}" for k in ("wall_s", *PHASES, "rest_s"))
+    hits = ", ".join(f"{stage} {use}" for stage, use in sorted(row["cache"].items())) or "no cache"
+    print(f"  {label:24s} {cells}   {hits}", flush=True)
+
+
+def _load() -> str:
+    return f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
 
 
 def main() -> int:
@@ -92,7 +104,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--trials", type=int, default=4, help="trials per function when tuning")
     p.add_argument("--db", type=Path, default=None, help="tuning database (tuned into when missing)")
-    p.add_argument("--runs", type=int, default=2, help="compiles per variant")
+    p.add_argument("--runs", type=int, default=2, help="rounds of (untuned, --db cold, --db warm) compiles")
     p.add_argument("--no-verify", action="store_true", help="compile with --no-verify")
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--rounds", type=int, default=3)
@@ -104,24 +116,31 @@ def main() -> int:
     args.inputs = args.inputs or list(minilm.INPUT_NAMES)
     work = Path(tempfile.mkdtemp(prefix="qcbench-compile-"))
     db = args.db or work / "db"
-    print(f"{args.model.name}: bits {args.bits} group {args.group_size}, {args.threads} threads, "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(f"{args.model.name}: bits {args.bits} group {args.group_size}, {args.threads} threads, {_load()}")
+    start = _startup_row()
+    print(f"python start: import qcompile.cli {start['cli']:.2f} s; + TVM and the llvm backend {start['backend']:.2f} s")
     if not (db / "database_workload.json").is_file():
-        tune_s, _ = _run(_cli("tune", *_model_args(args), "--trials", str(args.trials), "--db", str(db), "-q"))
-        print(f"tune: {args.trials} trials per function in {tune_s:.1f} s -> {db}")
-    print(f"  {'compile':22s} " + " ".join(f"{h:>7s}" for h in ("wall", "startup", *PHASES, "rest")))
+        tune_s = _run(_cli("tune", *_model_args(args), "--trials", str(args.trials), "--db", str(db), "-q",
+                           "--no-cache"))
+        print(f"tune: {args.trials} trials per function in {tune_s:.1f} s (wall) -> {db}")
+    print(f"  {'compile (wall s)':24s} " + " ".join(f"{h:>7s}" for h in ("wall", *PHASES, "rest")) + "   cache")
     artifacts = {}
-    for run in range(args.runs):  # variants alternate, so a load swing hits both
-        for label, use_db in (("untuned", None), ("tuned (--db)", db)):
-            out = work / f"{label.split()[0]}-{run}"
-            _print_row(f"{label} #{run + 1}", _compile_row(args, out, use_db))
+    for run in range(args.runs):
+        cache = work / f"cache-{run}"  # empty: the first --db compile is cold
+        for label, name, extra, cache_dir in (("untuned", "untuned", [], None),
+                                              ("--db cold cache", "db-cold", ["--db", str(db)], cache),
+                                              ("--db warm cache", "db-warm", ["--db", str(db)], cache)):
+            out = work / f"{name}-{run}"
+            _print_row(f"{label} #{run + 1}", _compile_row(args, out, extra, cache_dir))
             artifacts[label] = out
-        print(f"  (load average {os.getloadavg()[0]:.1f})")
+        print(f"  ({_load()})")
+    same = (artifacts["--db cold cache"] / "manifest.json").read_bytes() == \
+        (artifacts["--db warm cache"] / "manifest.json").read_bytes()
+    print(f"--db cold and warm artifacts identical (manifest, so every file hash): {'yes' if same else 'NO'}")
     medians = _runtime_medians(args, artifacts)
-    print(f"run time (median ms, best of {args.rounds} blocks of {args.repeats}), "
-          f"load average {os.getloadavg()[0]:.1f}:")
+    print(f"run time (median ms, best of {args.rounds} blocks of {args.repeats}), {_load()}:")
     for label, ms in medians.items():
-        print(f"  {label:22s} {ms:8.2f}")
+        print(f"  {label:24s} {ms:8.2f}")
     return 0
 
 

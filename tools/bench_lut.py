@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""LUT (T-MAC style) GEMV vs qcompile's dequant GEMV vs onnxruntime MatMulNBits vs fp32, m = 1.
+"""VNNI and LUT (T-MAC style) GEMVs vs qcompile's dequant GEMV vs onnxruntime MatMulNBits vs fp32, m = 1.
 
 One process, one run, on the host. Every contender is timed in its own block (warm-up, then
 the median of --repeats calls; --rounds blocks per contender, spread over the run, best block
@@ -7,16 +7,19 @@ median kept: the machine is shared). Helpers (memory bandwidth, onnxruntime sess
 callables) are tools/bench.py's.
 
 Contenders per shape (n = out, k = in; x[1, k] @ W):
+* qcompile VNNI W4 / W2 g128 (asymmetric, zero points; int8 activations per block of 128,
+  row-interleaved vpdpbusd): backends/gemv_vnni.py;
 * qcompile LUT W4 / W2 g128 (asymmetric, zero points): backends/lut_kernels.py;
-* qcompile dequant W4 / W2 g128 (f32 activations) and W4A8 g128 (int8 activations, VNNI):
-  backends/gemv_kernels.py through kernels.qlinear_kernel;
+* qcompile dequant W4 / W2 g128 (f32 activations): backends/gemv_kernels.py through
+  kernels.qlinear_kernel;
 * onnxruntime MatMulNBits 4-bit block 128 accuracy_level 4 (int8 activations);
 * onnxruntime MatMul fp32 and qcompile fp32 GEMV.
 
 GB/s counts each contender's weight bytes (codes + scales + zeros/offsets); "of BW" divides by
 the measured read bandwidth (numpy sum over 1 GiB, --threads threads). 4096x4096 at <= 4 bits
-fits in L3, so repeated calls can exceed the DRAM figure. The LUT rows also report the
-relative RMS error against the exact f32 GEMV of the same quantized weights (table rounding).
+fits in L3, so repeated calls can exceed the DRAM figure. The VNNI and LUT rows also report
+the relative RMS error against the exact f32 GEMV of the same quantized weights (activation
+or table rounding).
 
     python tools/bench_lut.py [--threads 2] [--repeats 50] [--rounds 2] [--shapes 4096x4096,...]
 
@@ -52,23 +55,36 @@ def _weights(rng, n, k, bits):
     return packed, scales, zeros
 
 
-def _lut_contender(x, n, k, bits, weights, target):
-    """(callable, weight bytes, relative RMS error vs the exact f32 GEMV)."""
+def _repacked_contender(kind, x, n, k, bits, weights, target):
+    """(callable, weight bytes, relative RMS error vs the exact f32 GEMV) of the "vnni" or "lut"
+    GEMV, whose weights are repacked from qcompile's QLinear layout."""
     import numpy as np
 
     from qcompile import quant
-    from qcompile.backends import lut_kernels
+    from qcompile.backends import gemv_vnni, lut_kernels
     from qcompile.schedules.lut import lut_isa
 
     packed, scales, zeros = weights
-    lut = lut_kernels.pack_lut_weights(packed, scales, zeros, bits, GROUP, k, lut_isa(target).rows)
-    arrays = [x, *lut_kernels.lut_arrays(lut), np.zeros((1, n), np.float32)]
-    func = lut_kernels.lut_gemv_kernel(k, n, bits, GROUP, False, False, target)
+    if kind == "vnni":
+        arrays = gemv_vnni.vnni_arrays(gemv_vnni.pack_vnni_weights(packed, scales, zeros, bits, k))
+        func = gemv_vnni.vnni_gemv_kernel(k, n, bits, GROUP, False, False, target)
+    else:
+        lut = lut_kernels.pack_lut_weights(packed, scales, zeros, bits, GROUP, k, lut_isa(target).rows)
+        arrays = lut_kernels.lut_arrays(lut)
+        func = lut_kernels.lut_gemv_kernel(k, n, bits, GROUP, False, False, target)
+    arrays = [x, *arrays, np.zeros((1, n), np.float32)]
     call = _tvm_callable(func, arrays, target)
     got = _tvm_output(func, arrays, target)
     exact = x.astype(np.float64) @ quant.dequantize_weight(packed, scales, zeros, bits, GROUP, k)
     err = np.sqrt(np.mean((got - exact) ** 2)) / np.sqrt(np.mean(exact ** 2))
     return call, sum(a.nbytes for a in arrays[1:-1]), float(err)
+
+
+def _unsupported(kind, k, n, bits, target) -> str | None:
+    from qcompile.backends import gemv_vnni, lut_kernels
+
+    fits = gemv_vnni.vnni_supported if kind == "vnni" else lut_kernels.lut_supported
+    return fits(k, n, bits, GROUP, target)
 
 
 def _tvm_output(func, arrays, target):
@@ -82,7 +98,7 @@ def _tvm_output(func, arrays, target):
 
 
 def contenders(n, k, target, threads):
-    """label -> callable, label -> weight bytes, label -> relative error (LUT rows only)."""
+    """label -> callable, label -> weight bytes, label -> relative error (VNNI and LUT rows only)."""
     import numpy as np
 
     from qcompile.backends import kernels
@@ -93,13 +109,15 @@ def contenders(n, k, target, threads):
     calls, nbytes, errors = {}, {}, {}
     for bits in (4, 2):
         weights = _weights(rng, n, k, bits)
-        label = f"qcompile LUT W{bits} g{GROUP}"
-        calls[label], nbytes[label], errors[label] = _lut_contender(x, n, k, bits, weights, target)
-        for a8 in (False, True) if bits == 4 else (False,):
-            func = kernels.qlinear_kernel(1, k, n, bits, GROUP, False, False, target, act_int8=a8)
-            label = f"qcompile dequant W{bits}{'A8' if a8 else ''} g{GROUP}"
-            calls[label] = _tvm_callable(func, [x, *weights, out], target)
-            nbytes[label] = sum(a.nbytes for a in weights)
+        for kind in ("vnni", "lut"):
+            if _unsupported(kind, k, n, bits, target):
+                continue
+            label = f"qcompile {kind.upper()} W{bits} g{GROUP}"
+            calls[label], nbytes[label], errors[label] = _repacked_contender(kind, x, n, k, bits, weights, target)
+        func = kernels.qlinear_kernel(1, k, n, bits, GROUP, False, False, target)
+        label = f"qcompile dequant W{bits} g{GROUP}"
+        calls[label] = _tvm_callable(func, [x, *weights, out], target)
+        nbytes[label] = sum(a.nbytes for a in weights)
     w = (rng.standard_normal((k, n), dtype=np.float32) * 0.02).astype(np.float32)
     model = _matmul_model(w, 1)
     fp32_blob = model.SerializeToString()  # before _ort_nbits, which rewrites the model in place

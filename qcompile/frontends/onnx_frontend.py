@@ -30,6 +30,7 @@ from onnx import helper, numpy_helper
 from ..errors import ModelFormatError, ShapeError
 from ..interpreter import run_node
 from ..ir import Graph, Node, TensorType, verify
+from .onnx_qdq_fusion import fuse_qdq_groups
 from .shape_inference import infer_types
 
 __all__ = ["load_onnx", "Importer"]
@@ -37,9 +38,15 @@ __all__ = ["load_onnx", "Importer"]
 _NAME_RE = re.compile(r"[^0-9A-Za-z_./:\-]")
 
 
-def load_onnx(model: str | os.PathLike | onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None) -> Graph:
-    """Import an ONNX model (path or ModelProto) as a static-shape IR graph."""
+def load_onnx(model: str | os.PathLike | onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None,
+              fuse_qdq: bool = True) -> Graph:
+    """Import an ONNX model (path or ModelProto) as a static-shape IR graph.
+
+    ``fuse_qdq``: QDQ node groups become onnxruntime's integer QOperator kernels, as its default
+    session runs them (:mod:`.onnx_qdq_fusion`); False keeps the ONNX specification's float reading."""
     proto, source = _read(model)
+    if fuse_qdq:
+        proto = fuse_qdq_groups(proto)
     importer = Importer(proto, source)
     importer.bind_inputs(shapes or {})
     importer.convert_nodes()

@@ -20,6 +20,9 @@ onnxruntime's CPU kernels (MLAS) bit for bit:
   and the op becomes ``Gather(table, x)`` (int8 codes index with wrap-around, as ONNX
   Gather's negative indices do).
 
+* ``com.microsoft.QLinearSoftmax`` (uint8, opset >= 13 semantics, last axis) -> IR
+  ``QLinearSoftmax`` with onnxruntime's float32 exp table (:func:`.qoperator_tables.softmax_table`).
+
 Refusals (:class:`UnsupportedOpError`): scales/zero points computed at run time, a per-axis
 activation zero point, 16-bit or 4-bit QOperator types, non-2-D QGemm operands.
 """
@@ -32,7 +35,7 @@ from ..errors import UnsupportedOpError
 from .onnx_nn import _explicit_pads, conv_geometry
 from .onnx_ops import inp, need_const
 from .onnx_quant import QRANGE, _as_storage, _recipe
-from .qoperator_tables import lookup_table, mlas_logistic
+from .qoperator_tables import lookup_table, mlas_logistic, softmax_table
 
 __all__ = ["QOP_CONVERTERS", "QOP_DOMAIN_CONVERTERS"]
 
@@ -196,7 +199,8 @@ def _qlinear_add(ctx, node, attrs):
     a_s, a_zp, _ = _qparams(ctx, node, 1, 2, a)
     b_s, b_zp, _ = _qparams(ctx, node, 4, 5, b)
     c_s, c_zp, logical = _qparams(ctx, node, 6, 7, a)
-    ra, rb = a_s / c_s, b_s / c_s
+    with np.errstate(invalid="ignore", divide="ignore"):  # inf / inf: a calibrated mask's scale, NaN as in C++
+        ra, rb = a_s / c_s, b_s / c_s
     fixed = _F32(int(c_zp)) - (ra * _F32(int(a_zp)) + rb * _F32(int(b_zp)))
     qmin, qmax, storage = QRANGE[logical]
     ctx.emit("QLinearAdd", [a, b], {"a_ratio": float(ra), "b_ratio": float(rb), "fixed": float(fixed),
@@ -294,6 +298,21 @@ def _qlinear_concat(ctx, node, attrs):
     _record(ctx, "Concat", "com.microsoft.QLinearConcat", dtype=logical)
 
 
+def _qlinear_softmax(ctx, node, attrs):
+    """com.microsoft.QLinearSoftmax(x, x_s, x_zp, y_s, y_zp) on the last axis, uint8."""
+    x = inp(ctx, node, 0)
+    shape = ctx.type_of(x).shape
+    axis = int(attrs.get("axis", -1 if int(attrs.get("opset", 13)) >= 13 else 1)) % len(shape)
+    if axis != len(shape) - 1 or int(attrs.get("opset", 13)) < 13 or str(ctx.type_of(x).dtype) != "uint8":
+        raise UnsupportedOpError("com.microsoft.QLinearSoftmax", ctx.current, "only uint8, opset >= 13, last axis")
+    x_s, _, _ = _qparams(ctx, node, 1, 2, x)
+    y_s, y_zp, _ = _qparams(ctx, node, 3, 4, x)
+    table = ctx.new_const(f"{ctx.current}_exp_table", softmax_table(x_s, shape[-1]))
+    ctx.emit("QLinearSoftmax", [x, table], {"y_multiplier": float(np.floor(_F32(1) / y_s)),
+                                             "y_zero_point": int(y_zp)}, [node.output[0]])
+    _record(ctx, "QLinearSoftmax", "com.microsoft.QLinearSoftmax", dtype="uint8")
+
+
 QOP_CONVERTERS = {"ConvInteger": _conv_integer, "QLinearConv": _qlinear_conv, "QLinearMatMul": _qlinear_matmul}
 QOP_DOMAIN_CONVERTERS = {
     ("com.microsoft", "QLinearAdd"): _qlinear_add,
@@ -304,4 +323,5 @@ QOP_DOMAIN_CONVERTERS = {
     ("com.microsoft", "QLinearLeakyRelu"): _qlinear_leaky_relu,
     ("com.microsoft", "QLinearSigmoid"): _qlinear_sigmoid,
     ("com.microsoft", "QLinearConcat"): _qlinear_concat,
+    ("com.microsoft", "QLinearSoftmax"): _qlinear_softmax,
 }

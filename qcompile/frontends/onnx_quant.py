@@ -21,7 +21,9 @@ Rewrites (each refuses with :class:`UnsupportedOpError` outside the stated case)
    per tensor, per output column (axis 1) or blocked along K (axis 0), the MatMul becomes a
    ``QLinear`` with 8/4-bit codes (signed codes offset to unsigned, zero point likewise):
    the dequantized weight is bit-identical.
-3. ``QuantizeLinear`` / ``DequantizeLinear`` on run-time values -> IR ops of the same name;
+3. ``QuantizeLinear`` / ``DequantizeLinear`` on run-time values -> IR ops of the same name
+   (after ``load_onnx`` has fused DQ -> MatMul/Add/Mul/Softmax -> Q groups into onnxruntime's
+   QOperator kernels, as its default session runs them: :mod:`.onnx_qdq_fusion`);
    per-axis and blocked scales/zero points are expanded at import to arrays that broadcast
    against the input (see :mod:`qcompile.ops`). int4/uint4 use int8/uint8 storage with
    qmin/qmax saturation bounds.

@@ -10,6 +10,10 @@ dequantized in float32 (``x_s * (i - x_zp)``), transformed, and quantized by
   x86 FMA3 kernel evaluates with fused multiply-adds. :func:`mlas_logistic` replays it with
   correctly rounded float32 fma (exact rational arithmetic), which matches onnxruntime's float
   Sigmoid on every input tried; ``1 / (1 + exp(-x))`` differs in about half the last bits.
+
+QLinearSoftmax's table (``QlinearBuildLookupTableUint32``) holds shifted exponentials instead:
+``float32(exp((i - 255 + shift) * x_s))`` in float64, ``shift = max(0, log(FLT_MAX / D) - 5) / x_s``
+so that a row of ``D`` entries sums below FLT_MAX.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import numpy as np
 from ..interpreter_quant import dequantize_linear, quantize_linear
 from .onnx_quant import QRANGE
 
-__all__ = ["lookup_table", "mlas_logistic"]
+__all__ = ["lookup_table", "mlas_logistic", "softmax_table"]
 
 _F32 = np.float32
 _ALPHA = [_F32(v) for v in (4.37031012579801e-11, 1.15627324459942e-07, 6.08574864600143e-05, 8.51377133304701e-03,
@@ -69,3 +73,11 @@ def lookup_table(fn, x_s, x_zp, y_s, y_zp, logical: str) -> np.ndarray:
     qmin, qmax, storage = QRANGE[logical]
     y = fn(dequantize_linear(codes(logical), np.asarray(x_s, _F32), np.asarray(x_zp)))
     return quantize_linear(np.asarray(y, _F32), np.asarray(y_s, _F32), np.asarray(y_zp), qmin, qmax, storage)
+
+
+def softmax_table(x_scale, reduce_len: int) -> np.ndarray:
+    """onnxruntime's QLinearSoftmax exp table (float32 [256], entry i for ``x - max(x) = i - 255``)."""
+    x_scale = float(_F32(x_scale))
+    shift = max(0.0, float(np.log(np.float64(_F32(np.finfo(np.float32).max / _F32(reduce_len))))) - 5.0) / x_scale
+    with np.errstate(over="ignore", invalid="ignore"):  # huge or infinite x_scale (attention masks): as in C++
+        return np.exp((np.arange(256, dtype=np.float64) - 255 + shift) * x_scale).astype(_F32)

@@ -1,7 +1,8 @@
 """The LUT GEMV in the compile path (backends/lut_lowering.py): selection, record, numerics.
 
 A batch-1 MLP (x[1, 256] -> QLinear 128 -> Relu -> QLinear 64) compiled with 2- and 4-bit
-weights must pick the LUT kernel for both layers, record it in the manifest's recipe and the
+weights and ``--gemv-kernel lut`` (auto prefers the VNNI GEMV on AVX-512 VNNI hosts:
+tests/backends/test_gemv_kernels.py) must pick the LUT kernel for both layers, record it in the manifest's recipe and the
 report, and match the numpy reference interpreter of the quantized graph within the LUT's
 table-rounding bound (propagated through the second layer). ``--gemv-kernel dequant`` keeps
 the dequant GEMV. The aarch64 build (skipped without the toolchain unless
@@ -99,14 +100,14 @@ def _kernel_names(g) -> list[str]:
 # ---------------------------------------------------------------------------- host
 @pytest.mark.parametrize("bits", [2, 4])
 def test_batch1_mlp_selects_lut_and_matches_within_table_bound(tmp_path, mlp, bits):
-    art, report = _compile(mlp, tmp_path / "out", bits=bits)
+    art, report = _compile(mlp, tmp_path / "out", bits=bits, gemv_kernel="lut")
     recipe = [e for e in art.manifest["recipe"] if e["op"] == "QLinear"]
     assert len(recipe) == 2 and all(e["gemv_kernel"] == "lut" for e in recipe)
     assert [d["kernel"] for d in report["gemv_kernels"]] == ["lut", "lut"]
     assert {(d["k"], d["n"]) for d in report["gemv_kernels"]} == {(K, HIDDEN), (HIDDEN, N)}
-    assert art.manifest["config"]["gemv_kernel"] == "auto"
+    assert art.manifest["config"]["gemv_kernel"] == "lut"
     g = _quant_graph(mlp, bits=bits, group_size=GROUP)
-    names = _kernel_names(choose_gemv_kernels(g, HOST)[0])
+    names = _kernel_names(choose_gemv_kernels(g, HOST, "lut")[0])
     assert sum(n.startswith("lut_gemv") for n in names) == 2 and not any(n.startswith("qlinear") for n in names)
     feeds = _feeds()
     want, bound = _mlp_bound(g, feeds)
@@ -155,7 +156,7 @@ def test_unsupported_shapes_fall_back_with_a_reason(tmp_path):
 
 
 def test_gemv_kernel_option_is_checked(tmp_path, mlp, capsys):
-    with pytest.raises(InputError, match="--gemv-kernel must be auto, lut or dequant"):
+    with pytest.raises(InputError, match="--gemv-kernel must be auto, vnni, lut or dequant"):
         CompileConfig(gemv_kernel="fast")
     with pytest.raises(InputError, match="--gemv-kernel must be one of"):
         choose_gemv_kernels(_quant_graph(mlp, bits=4, group_size=GROUP), HOST, "fast")

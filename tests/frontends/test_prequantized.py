@@ -246,6 +246,100 @@ def test_matmul_nbits_rejects_permuted_g_idx():
         load_onnx(model)
 
 
+# ---------------------------------------------------------------------------- QDQ groups (onnxruntime's fusion)
+def _qdq_chain_model():
+    """x -> Q -> DQ -> MatMul(DQ(w per column)) -> Q -> DQ -> Add(DQ(b)) -> Q -> DQ -> Softmax -> Q -> DQ."""
+    k, n = 64, 48
+    inits = {"xs": np.float32(0.03), "xz": np.uint8(128), "w": RNG.integers(-128, 128, size=(k, n)).astype(np.int8),
+             "ws": (RNG.random(n) * 0.01 + 0.002).astype(np.float32), "wz": np.zeros(n, np.int8),
+             "ms": np.float32(0.05), "mz": np.uint8(120), "b": RNG.integers(0, 256, size=n).astype(np.uint8),
+             "bs": np.float32(0.01), "bz": np.uint8(128), "as": np.float32(0.06), "az": np.uint8(110),
+             "ss": np.float32(1 / 256), "sz": np.uint8(0)}
+    node = helper.make_node
+    nodes = [node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]), node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+             node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], axis=1), node("MatMul", ["xd", "wd"], ["m"]),
+             node("QuantizeLinear", ["m", "ms", "mz"], ["mq"]), node("DequantizeLinear", ["mq", "ms", "mz"], ["md"]),
+             node("DequantizeLinear", ["b", "bs", "bz"], ["bd"]), node("Add", ["bd", "md"], ["a"]),
+             node("QuantizeLinear", ["a", "as", "az"], ["aq"]), node("DequantizeLinear", ["aq", "as", "az"], ["ad"]),
+             node("Softmax", ["ad"], ["s"], axis=-1), node("QuantizeLinear", ["s", "ss", "sz"], ["sq"]),
+             node("DequantizeLinear", ["sq", "ss", "sz"], ["y"])]
+    x = RNG.standard_normal((2, 5, k)).astype(np.float32)
+    return _model(nodes, {"x": x}, inits), {"x": x}
+
+
+def test_qdq_groups_match_onnxruntime_default_session_bit_exact():
+    """DQ -> MatMul / Add / Softmax -> Q groups run as onnxruntime's default session fuses them
+    (QLinearMatMul, QLinearAdd, QLinearSoftmax): interpreter and compiled module equal it bit for
+    bit, where the specification's float reading (ORT_ENABLE_BASIC) rounds some codes differently."""
+    import tvm
+
+    from qcompile.backends.llvm import build, host_target
+
+    model, feeds = _qdq_chain_model()
+    (ref,) = _ort(model, feeds, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    (basic,) = _ort(model, feeds, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+    graph = load_onnx(model)
+    assert [n.op for n in graph.nodes] == ["QuantizeLinear", "MatMulInteger", "Cast", "Mul", "QuantizeLinear",
+                                           "QLinearAdd", "QLinearSoftmax", "DequantizeLinear"]
+    np.testing.assert_array_equal(run(graph, feeds)["y"], ref)
+    vm = tvm.relax.VirtualMachine(build(graph, host_target(1)), tvm.cpu())
+    np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(feeds["x"]))[0].numpy(), ref)
+    assert (basic != ref).any()  # the model does discriminate the two readings
+
+
+def test_qdq_group_left_unfused_when_not_a_group():
+    """An op output also used elsewhere (or a graph output), or fuse_qdq=False: float reading kept."""
+    from qcompile.frontends.onnx_qdq_fusion import has_qdq_groups
+
+    model, feeds = _qdq_chain_model()
+    model.graph.output.append(helper.make_empty_tensor_value_info("m"))
+    assert has_qdq_groups(model)
+    graph = load_onnx(model)
+    assert "QLinear" in [n.op for n in graph.nodes] and "QLinearAdd" in [n.op for n in graph.nodes]
+    plain = load_onnx(_qdq_chain_model()[0], fuse_qdq=False)
+    assert not {"MatMulInteger", "QLinearAdd", "QLinearSoftmax"} & {n.op for n in plain.nodes}
+
+
+def test_qlinear_matmul_of_two_runtime_operands_compiled_bit_exact():
+    """Attention-shaped QLinearMatMul (both operands computed at run time, 4-D): the compiled int32
+    product (its own kernel, never fused with the epilogue) and the requantization equal onnxruntime."""
+    import tvm
+
+    from qcompile.backends.llvm import build, host_target
+
+    a = RNG.integers(0, 256, size=(2, 3, 16, 8)).astype(np.uint8)
+    b = RNG.integers(0, 256, size=(2, 3, 8, 16)).astype(np.uint8)
+    inits = {"as": np.float32(0.02), "az": np.uint8(120), "bs": np.float32(0.03), "bz": np.uint8(128),
+             "ys": np.float32(0.5), "yz": np.uint8(100)}
+    node = helper.make_node("QLinearMatMul", ["a", "as", "az", "b", "bs", "bz", "ys", "yz"], ["y"])
+    model = _model([node], {"a": a, "b": b}, inits)
+    graph = _same(model, {"a": a, "b": b})
+    vm = tvm.relax.VirtualMachine(build(graph, host_target(1)), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(b))[0].numpy()
+    np.testing.assert_array_equal(got, _ort(model, {"a": a, "b": b})[0])
+
+
+@pytest.mark.parametrize("d,x_scale,y_scale,y_zp", [(32, 0.23, 1 / 255, 0), (128, 0.07, 1 / 256, 0),
+                                                    (7, 1.3, 0.004, 3), (16, 2.7e36, 1 / 256, 0), (16, np.inf, 1 / 256, 7)])
+def test_qlinear_softmax_bit_exact(d, x_scale, y_scale, y_zp):
+    """com.microsoft.QLinearSoftmax (uint8, last axis): interpreter and compiled module equal
+    onnxruntime. A huge x_scale (an attention mask's calibrated range) sends every non-max entry
+    to 0; an infinite one (MiniLM's QDQ model) makes every quotient NaN -> the zero point."""
+    import tvm
+
+    from qcompile.backends.llvm import build, host_target
+
+    x = RNG.integers(0, 256, size=(3, 5, d)).astype(np.uint8)
+    node = helper.make_node("QLinearSoftmax", ["x", "xs", "xz", "ys", "yz"], ["y"], domain="com.microsoft", axis=-1,
+                            opset=13)
+    model = _model([node], {"x": x}, {"xs": np.float32(x_scale), "xz": np.uint8(3), "ys": np.float32(y_scale),
+                                      "yz": np.uint8(y_zp)}, ms_domain=True)
+    graph = _same(model, {"x": x})
+    assert [n.op for n in graph.nodes] == ["QLinearSoftmax"]
+    vm = tvm.relax.VirtualMachine(build(graph, host_target(1)), tvm.cpu())
+    np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(x))[0].numpy(), _ort(model, {"x": x})[0])
+
+
 # ---------------------------------------------------------------------------- lowering and passes
 def test_quant_ops_lowered_bit_exact():
     """Q / DQ / DynamicQuantizeLinear / MatMulInteger through Relax equal the interpreter bit for bit."""
@@ -307,14 +401,23 @@ def test_dequantize_imported_pass_restores_linear():
 # ---------------------------------------------------------------------------- MiniLM (slow)
 # quantized_minilm: session fixture in tests/conftest.py
 
-# Max abs error on the embedding vs onnxruntime's reference-numerics session (ORT_ENABLE_BASIC).
+# Max abs error on the embedding vs onnxruntime, and which onnxruntime session is the reference.
 # Weight-only (MatMulNBits) models are float after dequantization: 1e-3 holds with a wide margin.
-# Activation-quantized models (QDQ static, dynamic) flip an activation code whenever two correct
-# float GEMM summation orders round a value to different sides of a quantization step; one flip
-# moves the embedding by ~1e-3..7e-3. So for them the exactness check is per node (every
-# QuantizeLinear / DynamicQuantizeLinear / MatMulInteger of the model applied to onnxruntime's own
-# inputs must give onnxruntime's outputs bit for bit) and the end-to-end bound is 1e-2.
-_TOL = {"nbits32": 1e-3, "nbits128": 1e-3, "qdq": 1e-2, "dynamic": 1e-2}
+# QDQ static: the reference is onnxruntime's default session (ORT_ENABLE_ALL, what users run). It
+# runs every DQ -> MatMul/Add/Mul/Softmax -> Q group as an integer QOperator kernel; qcompile
+# imports the groups the same way (frontends/onnx_qdq_fusion.py) and reproduces those kernels bit
+# for bit, so all activation codes agree and the embeddings differ only by float rounding in the
+# final pooling (1e-7 on all 32 sentences, seq 32 and 128). The specification's float reading
+# (ORT_ENABLE_BASIC) differs from ORT_ENABLE_ALL by 5.6e-2 on this model: a float GEMM's
+# summation order decides on which side of a quantization step a value lands.
+# Dynamic: not yet met. Its activations stay float between DynamicQuantizeLinear nodes
+# (LayerNorm, Softmax, Erf, the attention MatMuls, in onnxruntime's MLAS formulas), one ULP of
+# difference flips a code, and a per-tensor dynamic scale spreads one flip over the whole batch:
+# ~1e-2 against either session (BASIC is the closer reading); checked on 2 sentences at 1e-2, plus
+# the per-node exactness of every QuantizeLinear / DynamicQuantizeLinear / MatMulInteger applied
+# to onnxruntime's own inputs.
+_BASIC, _ALL = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+_REFERENCE = {"nbits32": (_BASIC, 1e-3), "nbits128": (_BASIC, 1e-3), "qdq": (_ALL, 1e-3), "dynamic": (_BASIC, 1e-2)}
 
 
 @pytest.mark.slow
@@ -323,19 +426,23 @@ def test_minilm_prequantized_matches_onnxruntime(quantized_minilm, tmp_path, nam
     import qcompile
     from qcompile.models import minilm
 
-    feeds = minilm.tokenize(minilm.SENTENCES[:2], seq_len=32)
+    level, tol = _REFERENCE[name]
+    feeds = minilm.tokenize(minilm.SENTENCES[:2] if name == "dynamic" else minilm.SENTENCES, seq_len=32)
     shapes = {k: v.shape for k, v in feeds.items()}
     path = quantized_minilm[name]
-    (ref,) = _ort_path(path, feeds)
+    (ref,) = _ort_path(path, feeds, level)
     graph = load_onnx(path, shapes)
     assert any(e["method"] == "imported" for e in graph.metadata["quant_recipe"])
-    assert np.abs(run(graph, feeds)["embedding"] - ref).max() < _TOL[name]
+    assert np.abs(run(graph, feeds)["embedding"] - ref).max() < tol
     if name in ("qdq", "dynamic"):
         _check_quant_nodes_on_ort_inputs(path, feeds)
+    if name == "qdq":
+        ops = {n.op for n in graph.nodes}
+        assert {"MatMulInteger", "QLinearAdd", "QLinearMul", "QLinearSoftmax"} <= ops and "QLinear" not in ops
     if build:
         qcompile.compile(str(path), output=tmp_path / "out", shapes=shapes, verify=False)
         got = qcompile.load(tmp_path / "out").run(feeds)["embedding"]
-        assert np.abs(got - ref).max() < _TOL[name]
+        assert np.abs(got - ref).max() < tol
 
 
 def _check_quant_nodes_on_ort_inputs(path, feeds):
@@ -349,12 +456,10 @@ def _check_quant_nodes_on_ort_inputs(path, feeds):
     assert check_quant_nodes(model, dict(zip(names, _ort_path(model, feeds)))) > 0
 
 
-def _ort_path(path, feeds):
-    """``path``: a file or a ModelProto."""
+def _ort_path(path, feeds, level=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC):
+    """``path``: a file or a ModelProto. BASIC: the ONNX specification's reading of every node."""
     so = ort.SessionOptions()
-    # BASIC: onnxruntime's own reference numerics. Its EXTENDED level fuses QDQ groups into
-    # integer kernels that deviate from the ONNX specification (see the issue-5 report).
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.graph_optimization_level = level
     source = path.SerializeToString() if hasattr(path, "SerializeToString") else str(path)
     return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"]).run(None, feeds)
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from qcompile import interpreter
-from qcompile.interpreter_integer_nn import bit_length, int_layer_norm, int_softmax, isqrt
+from qcompile.interpreter_integer_nn import bit_length, int_layer_norm, int_row_quantize, int_softmax, isqrt
 from qcompile.passes.integerize import BOUNDARY_OPS, IntegerizePass, float_value_ranges
 from qcompile.passes.quantize_activations import ActQuantConfig, QuantizeActivationsPass
 
@@ -55,6 +55,53 @@ def test_int_softmax_tracks_the_float_softmax_and_masks():
     assert np.all(p[1, 100:] == 0)
 
 
+def _row_cases() -> np.ndarray:
+    """int32 rows of 64: zero, exactly at the 7-bit edges, negative maxima, beyond the largest shift."""
+    rng = np.random.default_rng(3)
+    rows = [np.zeros(64), np.full(64, 127), np.full(64, 128), np.full(64, -129)]
+    for top in (5, 200, 1000, 3000, 40000, 2**20):
+        row = rng.integers(-top, top + 1, 64)
+        row[rng.integers(64)] = -top if top % 2 else top
+        rows.append(row)
+    return np.stack(rows).astype(np.int32)
+
+
+def test_int_row_quantize_gives_7_bit_codes_per_row_with_a_power_of_two():
+    x, max_shift = _row_cases(), 6
+    codes, mult = int_row_quantize(x, max_shift)
+    assert codes.dtype == np.uint8 and mult.dtype == np.int32 and mult.shape == (len(x), 1)
+    r = np.log2(mult[:, 0]).astype(int)
+    assert np.array_equal(mult[:, 0], 1 << r) and r.min() == 0 and r.max() == max_shift
+    top = np.abs(x.astype(np.int64)).max(-1)
+    np.testing.assert_array_equal(r, np.clip([int(t).bit_length() - 7 for t in top], 0, max_shift))
+    q = codes.astype(np.int64) - 128
+    fits = top < 2 ** (7 + max_shift) - 2 ** (max_shift - 1)  # below the largest shift's saturation
+    err = np.abs(q * mult - x)[fits]
+    assert np.all(err <= (mult // 2)[fits]), "each code is the rounded row value"
+    assert np.all(np.abs(q).max(-1)[(r > 0)] >= 64), "a shifted row uses its 7 bits"
+    assert np.abs(q).max() <= 127
+
+
+@pytest.mark.slow
+def test_int_row_quantize_compiled_is_bit_exact():
+    import tvm
+
+    from qcompile.backends.llvm.target import build, host_target
+    from qcompile.ir import Graph, Node, TensorType
+
+    x = _row_cases()
+    g = Graph("rows", ["x"], ["codes", "mult"], [], {}, {})
+    g.add_value("x", TensorType(x.shape, "int32"))
+    g.add_value("codes", TensorType(x.shape, "uint8"))
+    g.add_value("mult", TensorType((len(x), 1), "int32"))
+    g.nodes.append(Node("IntRowQuantize", "rq", ["x"], ["codes", "mult"], {"max_shift": 6}))
+    vm = tvm.relax.VirtualMachine(build(g, host_target()), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(x))
+    want = interpreter.run(g, {"x": x})
+    np.testing.assert_array_equal(got[0].numpy(), want["codes"])
+    np.testing.assert_array_equal(got[1].numpy(), want["mult"])
+
+
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
     torch = pytest.importorskip("torch")
@@ -95,7 +142,7 @@ def test_tiny_bert_becomes_integer_only_and_stays_close(tiny_bert):
     graph, feeds = tiny_bert
     ig, samples = _integer_graph(graph, feeds)
     ops = {n.op for n in ig.nodes}
-    assert {"IntLayerNorm", "IntSoftmax", "IntMatMul", "Lut", "IntLinear"} <= ops
+    assert {"IntLayerNorm", "IntSoftmax", "IntMatMul", "Lut", "IntLinear", "IntRowQuantize"} <= ops
     assert not ops & {"LayerNorm", "Softmax", "MatMul", "Erf", "Linear", "Int8Linear"}
     for node in ig.nodes:
         if node.op not in BOUNDARY_OPS:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from qcompile.errors import InputError
-from qcompile.passes.rtn import DEFAULT_CLIP_RATIOS, clip_ratios, quantize_and_pack, quantize_rtn, relative_error
+from qcompile.passes.rtn import (DEFAULT_CLIP_RATIOS, clip_ratios, integer_zero, quantize_and_pack, quantize_rtn,
+                                 relative_error)
 from qcompile.quant import unpack_codes
 
 K, N = 256, 24
@@ -42,7 +43,8 @@ def test_codes_in_range_and_error_within_half_scale(bits, symmetric, group_size)
         assert zeros is None
     else:
         assert zeros.dtype == np.float32 and zeros.shape == (N, groups)
-        assert np.all(zeros == np.rint(zeros)) and zeros.min() >= 0 and zeros.max() <= 2**bits - 1
+        assert zeros.min() >= 0 and zeros.max() <= 2**bits - 1
+        assert np.all(zeros == np.rint(zeros)) == integer_zero(bits)  # 2 bits: the zero point is a float
     wq, scale_per_elem = _dequant(codes, scales, zeros, bits, group_size)
     assert np.all(np.abs(w - wq) <= scale_per_elem * 0.5 * (1 + 1e-5) + 1e-12)
 
@@ -135,3 +137,23 @@ def test_low_bit_grid_reaches_lower_ratios_and_lower_error(bits):
     assert err["default"] <= err["narrow"]  # a superset of the 4-bit grid
     if bits == 2:
         assert err["default"] < err["narrow"]
+
+
+def test_float_zero_point_spans_the_group_range_and_lowers_the_2bit_error(monkeypatch):
+    """At 2 bits the grid may span [lo, hi] exactly (no shift to put 0.0 on it); the clip
+    search picks per group between that and a rounded zero, so never a higher MSE than the
+    rounded zero points alone, and lower on Gaussian weights."""
+    from qcompile.passes import rtn
+
+    w = _weight(4)
+    codes, scales, zeros = quantize_rtn(w, 2, 32, False, clip_search=False)
+    lo = np.minimum(w.reshape(K // 32, 32, N).min(axis=1), 0).T  # [N, G]
+    np.testing.assert_allclose(-zeros * scales, lo, rtol=1e-5, atol=1e-7)
+    gaussian = np.random.default_rng(5).standard_normal((K, N)).astype(np.float32)
+    either = [quantize_and_pack(m, 2, 32, False).dequantize() for m in (w, gaussian)]
+    monkeypatch.setattr(rtn, "INTEGER_ZERO_MIN_BITS", 2)
+    rounded = [quantize_and_pack(m, 2, 32, False) for m in (w, gaussian)]
+    assert all(np.all(r.zeros == np.rint(r.zeros)) for r in rounded)
+    mse = [[np.mean((m - q) ** 2) for m, q in zip((w, gaussian), qs)]
+           for qs in (either, [r.dequantize() for r in rounded])]
+    assert mse[0][0] <= mse[1][0] * (1 + 1e-6) and mse[0][1] < 0.95 * mse[1][1]

@@ -41,6 +41,17 @@ def test_smoothing_preserves_the_function_and_flattens_channel_ranges():
     assert spread(after) < spread(before)
 
 
+def test_an_unset_alpha_takes_the_path_default():
+    from qcompile.passes.smooth_activations import DEFAULT_ALPHA, smooth_for_static
+
+    rng = np.random.default_rng(1)
+    g = _mlp(rng)
+    feeds = [{"x": rng.normal(size=(8, 16)).astype(np.float32)}]
+    for path in ("static", "integer_only"):
+        assert smooth_for_static(g, feeds, None, path).metadata["smooth"]["alpha"] == DEFAULT_ALPHA[path]
+    assert smooth_for_static(g, feeds, 0.0, "integer_only") is g
+
+
 def test_factors_follow_the_formula_and_are_clamped():
     s = smoothing_factors(np.array([4.0, 1.0, 0.0]), np.array([1.0, 4.0, 1.0]), 0.5)
     np.testing.assert_allclose(s[:2], [2.0, 0.5])
