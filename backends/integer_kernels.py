@@ -24,8 +24,13 @@ from .kernels import _finish
 __all__ = ["int_linear_kernel", "requantize_compute"]
 
 
-def int_linear_kernel(m: int, k: int, n: int, gemm, target, steps=()) -> tirx.PrimFunc:
+def int_linear_kernel(m: int, k: int, n: int, gemm, target, steps=(), row_mult: bool = False) -> tirx.PrimFunc:
     """y[m, n] = steps(sum_k u[m, k] * w[k, n] + bias[n]), int32 accumulation.
+
+    With ``row_mult`` (codes of ``IntRowQuantize``): y[m, n] = steps((sum_k u[m, k] * w[k, n] +
+    corr[n]) * row_mult[m, 0] + bias[n]), two more args after ``bias``: corr int32[n] (minus
+    ``int8_gemm.zero_point_correction``; then ``bias`` is the layer's bias alone) and row_mult
+    int32[m, 1].
 
     Args: u uint8[m, k], w int8 (packed for the :mod:`qcompile.backends.int8_gemm` kind
     ``gemm``; True / False: "vnni" / "portable"), bias int32[n] (already minus
@@ -36,14 +41,20 @@ def int_linear_kernel(m: int, k: int, n: int, gemm, target, steps=()) -> tirx.Pr
     """
     u, w, acc = int8_gemm.matmul(m, k, n, gemm)
     bias = te.placeholder((n,), "int32", name="bias")
-    y = te.compute((m, n), lambda i, j: acc[i, j] + bias[j], name="epilogue")
+    rows = []
+    if row_mult:  # the zero-point correction is scaled by the row's multiplier, the bias is not
+        corr, mult = te.placeholder((n,), "int32", name="corr"), te.placeholder((m, 1), "int32", name="row_mult")
+        rows = [corr, mult]
+        y = te.compute((m, n), lambda i, j: (acc[i, j] + corr[j]) * mult[i, 0] + bias[j], name="epilogue")
+    else:
+        y = te.compute((m, n), lambda i, j: acc[i, j] + bias[j], name="epilogue")
     y, consts = int_epilogue.apply_steps(y, steps)
     schedule = int8_gemm.schedule(gemm)
 
     def fused_schedule(sch, params):
         schedule(sch, "matmul", int_epilogue.inline_chain(sch, "epilogue"), m, n, params)
 
-    return _finish([u, w, bias, *consts, y], target, fused_schedule)
+    return _finish([u, w, bias, *rows, *consts, y], target, fused_schedule)
 
 
 def requantize_compute(x: te.Tensor, mult: te.Tensor, shift: te.Tensor, axis: int, out_dtype: str,

@@ -47,20 +47,25 @@ def _int_linear(ctx, node):
     m = math.prod(shape[:-1])
     u = x if len(shape) == 2 else ctx.emit(R.reshape(x, (m, k)))
     gemm = int8_gemm.select(ctx.target, m, k, n)
-    bias = -int8_gemm.zero_point_correction(gemm, w)
-    if len(node.inputs) > 2 and node.inputs[2]:
-        bias = bias + ctx.graph.constants[node.inputs[2]].astype(np.int64)
+    corr = -int8_gemm.zero_point_correction(gemm, w)
+    bias = ctx.graph.constants[node.inputs[2]].astype(np.int64) if len(node.inputs) > 2 and node.inputs[2] else 0
+    row_mult = len(node.inputs) > 3 and bool(node.inputs[3])
+    if row_mult:  # (acc + corr) * 2**r + bias: the correction goes in before the row multiplier
+        rows = [relax.const(corr.astype(np.int32)), ctx.emit(R.reshape(ctx.get(node.inputs[3]), (m, 1)))]
+        bias = np.broadcast_to(np.asarray(bias, np.int64), (n,))
+    else:
+        rows, bias = [], corr + bias
     chain = int_epilogue.fusible_chain(ctx.graph, node.outputs[0], ctx.consumers())
     steps = tuple(int_epilogue.step_of(ctx.graph, c) for c in chain)
     consts = [ctx.get(name) for c in chain for name in c.inputs[1:]]
     out = chain[-1].outputs[0] if chain else node.outputs[0]
-    key = ("integer_kernels.int_linear_kernel", (m, k, n, gemm, steps))
+    key = ("integer_kernels.int_linear_kernel", (m, k, n, gemm, steps, row_mult))
     gvar = ctx._kernels.get(key)  # pylint: disable=protected-access  (the context's kernel cache)
     if gvar is None:
-        func = integer_kernels.int_linear_kernel(m, k, n, gemm, ctx.target, steps).with_attr("op_pattern", OPAQUE)
+        func = integer_kernels.int_linear_kernel(m, k, n, gemm, ctx.target, steps, row_mult).with_attr("op_pattern", OPAQUE)
         gvar = ctx.bb.add_func(func, f"int_linear_{len(ctx._kernels)}")
         ctx._kernels[key] = gvar  # pylint: disable=protected-access
-    args = [u, relax.const(int8_gemm.pack(gemm, w)), relax.const(bias.astype(np.int32)), *consts]
+    args = [u, relax.const(int8_gemm.pack(gemm, w)), relax.const(bias.astype(np.int32)), *rows, *consts]
     y = ctx.emit(relax.call_tir(gvar, args, relax.TensorType((m, n), ctx.graph.type_of(out).dtype)))
     ctx.fused.update(c.name for c in chain)
     return {out: y if len(shape) == 2 else ctx.emit(R.reshape(y, (*shape[:-1], n)))}

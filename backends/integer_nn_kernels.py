@@ -18,7 +18,7 @@ from qcompile.interpreter_integer_nn import (DIFF_CAP, INV_BITS, NEWTON_STEPS, N
                                              SOFTMAX_OUT_BITS, VAR_BITS)
 
 __all__ = ["isqrt_kernel", "ln_mean_compute", "ln_var_compute", "ln_normalize_compute", "int_softmax_compute",
-           "lut_compute", "row_mult_compute", "row_codes_compute"]
+           "lut_compute", "row_shift_compute", "row_mult_compute", "row_codes_compute"]
 
 
 def _i64(v: int):
@@ -134,30 +134,37 @@ def lut_compute(x: te.Tensor, table: te.Tensor, offset: int) -> te.Tensor:
     return te.compute(x.shape, body, name="lut")
 
 
-def row_mult_compute(x: te.Tensor, max_shift: int) -> te.Tensor:
-    """TE of ``IntRowQuantize``'s multiplier ``2**r`` [..., 1] (see
+def row_shift_compute(x: te.Tensor, max_shift: int) -> te.Tensor:
+    """TE of the exponent r [..., 1] of ``IntRowQuantize``'s multiplier ``2**r`` (see
     :func:`~qcompile.interpreter_integer_nn.int_row_quantize`): r counts the powers ``2**j``,
     ``7 <= j < 7 + max_shift``, that the row's largest ``|x|`` reaches."""
     *rows, n = (int(d) for d in x.shape)
     k = te.reduce_axis((0, n), name="k")
     top = te.compute(rows, lambda *i: te.max(te.max(x[(*i, k)], -x[(*i, k)]), axis=k), name="row_absmax")
 
-    def mult(*i):
+    def shift(*i):
         a = top(*i[:-1])
         r = _i32(0)
         for j in range(ROW_CODE_BITS, ROW_CODE_BITS + max_shift):
             r = r + (a >= _i32(1 << j)).astype("int32")
-        return _i32(1) << r
+        return r
 
-    return te.compute((*rows, 1), mult, name="row_mult")
+    return te.compute((*rows, 1), shift, name="row_shift")
 
 
-def row_codes_compute(x: te.Tensor, mult: te.Tensor) -> te.Tensor:
-    """TE of ``IntRowQuantize``'s codes: ``clip((x + mult / 2) // mult, -127, 127) + 128`` (uint8)."""
+def row_mult_compute(shift: te.Tensor) -> te.Tensor:
+    """TE of ``IntRowQuantize``'s multiplier output ``2**r``."""
+    return te.compute(shift.shape, lambda *i: _i32(1) << shift(*i), name="row_mult")
+
+
+def row_codes_compute(x: te.Tensor, shift: te.Tensor) -> te.Tensor:
+    """TE of ``IntRowQuantize``'s codes: ``clip((x + mult / 2) // mult, -127, 127) + 128`` (uint8)
+    with ``mult = 2**r``, computed as an arithmetic shift ``(x + (mult >> 1)) >> r`` (floor
+    division by a power of two; x86 has no vector integer division)."""
 
     def body(*i):
-        m = mult(*i[:-1], 0)
-        q = tirx.floordiv(x(*i) + (m >> _i32(1)), m)
+        r = shift(*i[:-1], 0)
+        q = (x(*i) + ((_i32(1) << r) >> _i32(1))) >> r
         return (te.max(te.min(q, _i32(127)), _i32(-127)) + _i32(128)).astype("uint8")
 
     return te.compute(x.shape, body, name="row_codes")

@@ -5,8 +5,8 @@
 2. ``IntSoftmax`` / ``Lut`` -> one TE function each (``emit_te``) from :mod:`.integer_nn_kernels`,
    scheduled by the target's row-reduction / fallback rules. ``IntLayerNorm`` -> row mean, row
    variance (TE), the integer square root (a scheduled loop kernel), then the normalisation (TE).
-3. ``IntRowQuantize`` -> two TE functions: the per-row multiplier (a row max reduction), then
-   the codes (elementwise, reads the multiplier).
+3. ``IntRowQuantize`` -> three TE functions: the per-row exponent r (a row max reduction), the
+   multiplier ``2**r`` and the codes (elementwise arithmetic shifts by r).
 4. ``IntDiv`` and ``IntReduceL2`` -> Relax integer ops (int64 multiply, floor_divide, sum) and
    the integer square root kernel.
 
@@ -83,8 +83,9 @@ def _lut(ctx, node):
 
 def _int_row_quantize(ctx, node):
     x = ctx.get(node.inputs[0])
-    mult = ctx.bb.emit_te(k.row_mult_compute, x, int(node.attrs["max_shift"]), primfunc_name_hint="int_row_mult")
-    codes = ctx.bb.emit_te(k.row_codes_compute, x, mult, primfunc_name_hint="int_row_codes")
+    shift = ctx.bb.emit_te(k.row_shift_compute, x, int(node.attrs["max_shift"]), primfunc_name_hint="int_row_shift")
+    mult = ctx.bb.emit_te(k.row_mult_compute, shift, primfunc_name_hint="int_row_mult")
+    codes = ctx.bb.emit_te(k.row_codes_compute, x, shift, primfunc_name_hint="int_row_codes")
     return [codes, mult]
 
 

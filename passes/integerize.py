@@ -21,8 +21,8 @@ Rewrites, in graph order:
    :meth:`~.integerize_nn.TransformerRules.row_codes`); on other integer ``x`` it becomes
    ``Requantize`` to codes of scale ``s`` (skipped when ``x`` is already codes of that scale).
 2. ``Int8Linear(u, ., W, ws, b)`` -> ``IntLinear(u, W, round(b / (s_u * ws)) int32)``: acc with
-   ``S = s_u * ws`` along the last axis. With per-row codes: ``IntLinear(u, W)``, ``Mul`` by the
-   row's ``2**r``, ``Add`` of the int32 bias (still 8-bit GEMM operands).
+   ``S = s_u * ws`` along the last axis. With per-row codes: ``IntLinear(u, W, b, 2**r)`` also
+   multiplies each row's sum by its ``2**r`` before the bias (still 8-bit GEMM operands).
 3. ``Conv(x, w, b)`` -> ``IntConv(codes(x), w_q int8, b int32)``, weights symmetric per output
    channel; acc with ``S = s_x * ws`` along axis 1.
 4. ``Relu`` / ``Clip(min=0)`` -> ``Clip`` of the integers (min code 128, or int32 0).
@@ -273,16 +273,10 @@ class _Rewriter(TransformerRules):
         bias = None if bias is None else self._const(f"{node.name}.bias_i32", bias)
         out = self._out(node, "acc", scale, -1)
         attrs = {"wbits": node.attrs.get("wbits", 8)}
-        if src.row_mult is None:
-            self._emit("IntLinear", node.name, [src.name, node.inputs[2]] + ([bias] if bias else []), [out], attrs)
-            return
-        shape = self.g.type_of(node.outputs[0]).shape
-        acc = self._value(f"{node.name}.row_acc", shape, "int32")
-        self._emit("IntLinear", node.name, [src.name, node.inputs[2]], [acc], attrs)
-        scaled = out if bias is None else self._value(f"{node.name}.row_scaled", shape, "int32")
-        self._emit("Mul", f"{node.name}.row_scale", [acc, src.row_mult], [scaled])
-        if bias is not None:
-            self._emit("Add", f"{node.name}.bias", [scaled, bias], [out])
+        inputs = [src.name, node.inputs[2], bias or "", src.row_mult or ""]
+        while not inputs[-1]:  # optional inputs: no trailing empty names
+            inputs.pop()
+        self._emit("IntLinear", node.name, inputs, [out], attrs)
 
     def _r_Conv(self, node: Node) -> None:
         src = self.codes(node.inputs[0], node)

@@ -59,14 +59,17 @@ def _wrap32(acc: np.ndarray) -> np.ndarray:
     return acc.astype(np.int64).astype(np.int32)
 
 
-def int_linear(u: np.ndarray, qweight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
-    """int32 ``sum_k (u - 128) * w[k, n] (+ bias[n])``."""
+def int_linear(u: np.ndarray, qweight: np.ndarray, bias: np.ndarray | None = None,
+               row_mult: np.ndarray | None = None) -> np.ndarray:
+    """int32 ``sum_k (u - 128) * w[k, n] (* row_mult[row]) (+ bias[n])`` (wrapping like int32)."""
     q = u.reshape(-1, u.shape[-1]).astype(np.float64) - CODE_ZERO
     w = qweight.astype(np.float64)
     if u.shape[-1] * 127.0 * 128.0 < _EXACT_F64:
         acc = np.rint(q @ w).astype(np.int64)
     else:  # pragma: no cover - K beyond 2**38: exact but slow
         acc = q.astype(np.int64) @ qweight.astype(np.int64)
+    if row_mult is not None:
+        acc = _wrap32(acc) * row_mult.reshape(-1, 1).astype(np.int64)
     if bias is not None:
         acc = acc + bias.astype(np.int64)
     return _wrap32(acc).reshape(*u.shape[:-1], qweight.shape[1])
@@ -108,7 +111,7 @@ def requantize(x, m, s, axis: int, out_dtype: str, qmin: int = -127, qmax: int =
 
 
 def _int_linear(g, n, a):
-    return int_linear(a[0], a[1], a[2] if len(a) > 2 else None)
+    return int_linear(a[0], a[1], a[2] if len(a) > 2 else None, a[3] if len(a) > 3 else None)
 
 
 def _int_conv(g, n, a):

@@ -78,8 +78,9 @@ uint8 with zero point 128 (q = u - 128); accumulators are int32; every value is 
 A dyadic rescale by (m int32, s int32) is fpm(x, m, s) = int32((int64(x) << max(s, 0)) * m
 + 2**(t - 1)) >> t) with t = max(-s, 0) + 31, i.e. x * m * 2**(s - 31) rounded half up, exactly
 TVM's tirx.q_multiply_shift_per_axis with q = 31 (int32 results wrap).
-  IntLinear(u uint8[..., K], qweight int8 const [K, N], bias int32 [N]?) -> int32[..., N]
-      acc = sum_k (u - 128) * qweight[k, n] + bias[n]. attrs: wbits.
+  IntLinear(u uint8[..., K], qweight int8 const [K, N], bias int32 [N]?, row_mult int32 [..., 1]?)
+      -> int32[..., N]: acc = (sum_k (u - 128) * qweight[k, n]) * row_mult[row] + bias[n] (int32
+      wrap; row_mult: the 2**r of IntRowQuantize codes). attrs: wbits.
   IntConv(u uint8 NCHW, w int8 const [Cout, Cin/group, kh, kw], bias int32 [Cout]?) -> int32 NCHW
       Conv semantics on q = u - 128, padding with q = 0 (code 128). attrs: strides, pads,
       dilations, group.
