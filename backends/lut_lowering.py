@@ -80,6 +80,16 @@ def m1_kernel(graph: Graph, node: Node) -> str | None:
     return graph.metadata.get(METADATA_KEY, {}).get(node.name, {}).get("kernel")
 
 
+def repack_m1_weights(kind: str, qweight, scales, zeros, bits: int, group: int, k: int, target):
+    """QLinear weights (``qcompile.quant`` layout) repacked for the m = 1 kernel ``kind``
+    ("vnni" or "lut") -> (kernel weight arrays, builder module, builder function name); the
+    builder takes ``(k, n, bits, group, symmetric, has_bias, target)``."""
+    if kind == "vnni":
+        return gemv_vnni.vnni_arrays(gemv_vnni.pack_vnni_weights(qweight, scales, zeros, bits, k)), gemv_vnni, "vnni_gemv_kernel"
+    lut = lut_kernels.pack_lut_weights(qweight, scales, zeros, bits, group, k, lut_isa(target).rows)
+    return lut_kernels.lut_arrays(lut), lut_kernels, "lut_gemv_kernel"
+
+
 def lower_m1_qlinear(ctx, node: Node, x):
     """The VNNI or LUT GEMV call (per :func:`m1_kernel`) for QLinear ``node`` on x[1, k]
     (relax_lowering's ``_Ctx``); y[1, n]."""
@@ -89,12 +99,8 @@ def lower_m1_qlinear(ctx, node: Node, x):
     ins = list(node.inputs) + [""] * (5 - len(node.inputs))
     const = ctx.graph.constants
     qweight, scales, zeros = const[ins[1]], const[ins[2]], None if sym else const[ins[3]]
-    if m1_kernel(ctx.graph, node) == "vnni":
-        arrays = gemv_vnni.vnni_arrays(gemv_vnni.pack_vnni_weights(qweight, scales, zeros, bits, k))
-        builder, builders = "vnni_gemv_kernel", gemv_vnni
-    else:
-        lut = lut_kernels.pack_lut_weights(qweight, scales, zeros, bits, gs, k, lut_isa(ctx.target).rows)
-        arrays, builder, builders = lut_kernels.lut_arrays(lut), "lut_gemv_kernel", lut_kernels
+    arrays, builders, builder = repack_m1_weights(m1_kernel(ctx.graph, node), qweight, scales, zeros, bits, gs, k,
+                                                  ctx.target)
     args = [x] + [relax.const(a) for a in arrays]
     if ins[4]:
         args.append(ctx.get(ins[4]))

@@ -186,7 +186,7 @@ def _repacked_contenders(x, out, target, rng, calls, nbytes) -> None:
 
     from qcompile import quant
     from qcompile.backends import gemv_vnni, lut_kernels
-    from qcompile.schedules.lut import lut_isa
+    from qcompile.backends.lut_lowering import repack_m1_weights
 
     k, n = x.shape[1], out.shape[1]
     for label, kind, bits, group, sym in GEMV_REPACKED_VARIANTS:
@@ -196,13 +196,8 @@ def _repacked_contenders(x, out, target, rng, calls, nbytes) -> None:
         packed = quant.pack_codes(rng.integers(0, 1 << bits, (n, k), dtype=np.uint8), bits)
         scales = rng.random((n, k // group), dtype=np.float32) * 0.01
         zeros = None if sym else rng.integers(0, 1 << bits, (n, k // group)).astype(np.float32)
-        if kind == "vnni":
-            weights = gemv_vnni.vnni_arrays(gemv_vnni.pack_vnni_weights(packed, scales, zeros, bits, k))
-            func = gemv_vnni.vnni_gemv_kernel(k, n, bits, group, sym, False, target)
-        else:
-            lut = lut_kernels.pack_lut_weights(packed, scales, zeros, bits, group, k, lut_isa(target).rows)
-            weights = lut_kernels.lut_arrays(lut)
-            func = lut_kernels.lut_gemv_kernel(k, n, bits, group, sym, False, target)
+        weights, builders, builder = repack_m1_weights(kind, packed, scales, zeros, bits, group, k, target)
+        func = getattr(builders, builder)(k, n, bits, group, sym, False, target)
         calls[f"qcompile {label}"] = _tvm_callable(func, [x, *weights, out], target)
         nbytes[f"qcompile {label}"] = sum(a.nbytes for a in weights)
 

@@ -61,17 +61,11 @@ def _repacked_contender(kind, x, n, k, bits, weights, target):
     import numpy as np
 
     from qcompile import quant
-    from qcompile.backends import gemv_vnni, lut_kernels
-    from qcompile.schedules.lut import lut_isa
+    from qcompile.backends.lut_lowering import repack_m1_weights
 
     packed, scales, zeros = weights
-    if kind == "vnni":
-        arrays = gemv_vnni.vnni_arrays(gemv_vnni.pack_vnni_weights(packed, scales, zeros, bits, k))
-        func = gemv_vnni.vnni_gemv_kernel(k, n, bits, GROUP, False, False, target)
-    else:
-        lut = lut_kernels.pack_lut_weights(packed, scales, zeros, bits, GROUP, k, lut_isa(target).rows)
-        arrays = lut_kernels.lut_arrays(lut)
-        func = lut_kernels.lut_gemv_kernel(k, n, bits, GROUP, False, False, target)
+    arrays, builders, builder = repack_m1_weights(kind, packed, scales, zeros, bits, GROUP, k, target)
+    func = getattr(builders, builder)(k, n, bits, GROUP, False, False, target)
     arrays = [x, *arrays, np.zeros((1, n), np.float32)]
     call = _tvm_callable(func, arrays, target)
     got = _tvm_output(func, arrays, target)
