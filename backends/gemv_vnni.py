@@ -48,6 +48,7 @@ from tvm.script.ir_builder import tirx as T
 from qcompile import quant
 
 from .gemv_kernels import _bcast, _build, _lane_reduce, _lane_sum, _load, _load_row, _store, _target
+from .lut_kernels import group_params_by_rows
 
 __all__ = ["VNNI_BITS", "has_vnni", "vnni_supported", "vnni_block", "vnni_tiles", "pack_vnni_weights",
            "vnni_arrays", "quantize_activations", "vnni_gemv_reference", "vnni_gemv_kernel"]
@@ -120,19 +121,14 @@ def pack_vnni_weights(packed, scales, zeros, bits: int, k: int) -> dict:
     scales = np.asarray(scales, np.float32)
     offsets = None if zeros is None else scales * np.asarray(zeros, np.float32)
     return {"codes": np.ascontiguousarray(tiled.reshape(n // rows, -1)),
-            "scales": _by_rows(scales, rows),
-            "offsets": None if offsets is None else _by_rows(offsets, rows)}
+            "scales": group_params_by_rows(scales, rows),
+            "offsets": None if offsets is None else group_params_by_rows(offsets, rows)}
 
 
 def vnni_arrays(packed: dict, bias=None) -> list[np.ndarray]:
     """The kernel's weight-side arguments in order (after x, before y)."""
     out = [packed["codes"], packed["scales"]]
     return out + ([packed["offsets"]] if packed["offsets"] is not None else []) + ([bias] if bias is not None else [])
-
-
-def _by_rows(a: np.ndarray, rows: int) -> np.ndarray:
-    n, g = a.shape
-    return np.ascontiguousarray(a.reshape(n // rows, rows, g).transpose(0, 2, 1).astype(np.float32))
 
 
 # ---------------------------------------------------------------------------- reference

@@ -50,7 +50,7 @@ from qcompile.schedules import lut as sched_lut
 
 __all__ = ["LUT_BITS", "lut_supported", "lut_block", "pack_lut_weights", "lut_tables",
            "lut_gemv_reference", "table_error_bound", "lut_gemv_kernel", "lut_arrays",
-           "choose_m1_kernel", "measured_cost"]
+           "choose_m1_kernel", "measured_cost", "group_params_by_rows"]
 
 LUT_BITS = (1, 2, 3, 4)
 MAX_BLOCK = 256  # activations per table scale (int16 accumulators hold 3 * 127 * block/4)
@@ -114,8 +114,8 @@ def pack_lut_weights(packed, scales, zeros, bits: int, group_size: int, k: int, 
     woffset = None
     if zeros is not None:
         woffset = scales * (np.float32(((1 << bits) - 1) / 2) - np.asarray(zeros, np.float32))
-    return {"planes": np.ascontiguousarray(planes), "wscale": _by_vector(wscale, rows),
-            "woffset": None if woffset is None else _by_vector(woffset, rows)}
+    return {"planes": np.ascontiguousarray(planes), "wscale": group_params_by_rows(wscale, rows),
+            "woffset": None if woffset is None else group_params_by_rows(woffset, rows)}
 
 
 def lut_arrays(lut: dict, bias=None) -> list[np.ndarray]:
@@ -133,7 +133,9 @@ def _nibbles(codes: np.ndarray, bits: int) -> np.ndarray:
     return (quads * weights).sum(axis=2, dtype=np.uint8)
 
 
-def _by_vector(a: np.ndarray, rows: int) -> np.ndarray:
+def group_params_by_rows(a: np.ndarray, rows: int) -> np.ndarray:
+    """Per-group parameters [n, groups] -> float32 [n / rows, groups, rows]: one vector of
+    ``rows`` output rows per group, the layout the row-tiled m = 1 kernels load."""
     n, g = a.shape
     return np.ascontiguousarray(a.reshape(n // rows, rows, g).transpose(0, 2, 1).astype(np.float32))
 
