@@ -42,7 +42,8 @@ from qcompile.ir import Graph
 
 from .base import Pass, PassResult
 
-__all__ = ["SENTINEL", "InputStats", "Stats", "collect_statistics", "split_batches", "load_npz", "CalibrationPass"]
+__all__ = ["SENTINEL", "InputStats", "Stats", "collect_statistics", "split_batches", "load_npz", "CalibrationPass",
+           "row_selection", "token_mask_input"]
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def collect_statistics(graph: Graph, feeds_list: Iterable[dict], token_mask: str
     sentinel_counts: dict[str, list[int]] = {}
     for feeds in feeds_list:
         env = run(graph, feeds, keep_all=True)
-        mask_name = _token_mask_input(graph, env, token_mask)
+        mask_name = token_mask_input(graph, env, token_mask)
         stats.token_mask = stats.token_mask or mask_name
         _count_sentinels(graph, env, sentinel_counts)
         for value, record in stats.inputs.items():
@@ -200,7 +201,7 @@ def _count_sentinels(graph: Graph, env: dict, counts: dict[str, list[int]]) -> N
             c[1] += array.size
 
 
-def _token_mask_input(graph: Graph, env: dict, choice: str | None) -> str | None:
+def token_mask_input(graph: Graph, env: dict, choice: str | None) -> str | None:
     if choice is None:
         return None
     if choice != "auto":
@@ -214,12 +215,18 @@ def _token_mask_input(graph: Graph, env: dict, choice: str | None) -> str | None
     return None
 
 
-def _accumulate(record: InputStats, x: np.ndarray, mask) -> None:
+def row_selection(x: np.ndarray, mask) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(rows [T, K], unmasked [T], clean [T])`` of activation ``x``: rows left by the token
+    mask (``mask`` of shape ``x.shape[:-1]``, or None) and, of those, rows free of sentinels."""
     rows = x.reshape(-1, x.shape[-1]) if x.ndim > 1 else x.reshape(1, -1)
     keep = np.ones(len(rows), dtype=bool)
     if mask is not None and x.ndim >= 2 and x.shape[:-1] == mask.shape:
         keep = mask.reshape(-1) != 0
-        record.masked_rows += int(np.count_nonzero(~keep))
-    bad = _is_sentinel(rows).any(axis=1) & keep
-    record.dropped_rows += int(np.count_nonzero(bad))
-    record.add(rows[keep & ~bad])
+    return rows, keep, keep & ~_is_sentinel(rows).any(axis=1)
+
+
+def _accumulate(record: InputStats, x: np.ndarray, mask) -> None:
+    rows, keep, clean = row_selection(x, mask)
+    record.masked_rows += int(np.count_nonzero(~keep))
+    record.dropped_rows += int(np.count_nonzero(keep & ~clean))
+    record.add(rows[clean])

@@ -8,7 +8,9 @@ the budget.
 Sensitivity ``s[l, b]``: the relative output error of layer l on the calibration data,
 ``tr(dW^T H dW) / tr(W^T H W)`` with ``H`` the calibration Hessian (:mod:`passes.calibrate`)
 and ``dW`` the error of the method actually used (RTN, or GPTQ when ``method="gptq"``), so
-the quantized weights computed for the sensitivity are the ones finally used. Without a
+the quantized weights computed for the sensitivity are the ones finally used; with
+``method="gptaq"`` the widths come from GPTQ's errors and the weights are then quantized by
+:mod:`passes.gptaq` in graph order (which needs ``feeds``). Without a
 Hessian for a layer, ``H = I`` (relative weight error). With calibration ``feeds`` the
 sensitivity is measured in model-output units instead (HAWQ-V3's "how much does the model
 output move", measured rather than estimated): ``s[l, lowest]`` is the squared error of the
@@ -94,10 +96,10 @@ class MixedPrecisionPass(Pass):
                  feeds: Sequence[dict] | None = None, percdamp: float | None = None):
         if (avg_bits is None) == (size_budget_bytes is None):
             raise InputError("mixed precision needs exactly one of --bits (average) or --size-budget")
-        if method not in ("rtn", "gptq"):
-            raise InputError(f"--method must be rtn or gptq (got '{method}')")
-        if method == "gptq" and stats is None:
-            raise InputError("--method gptq needs calibration statistics")
+        if method not in ("rtn", "gptq", "gptaq"):
+            raise InputError(f"--method must be rtn, gptq or gptaq (got '{method}')")
+        if method != "rtn" and stats is None:
+            raise InputError(f"--method {method} needs calibration statistics")
         self.config, self.stats = config, stats
         self.avg_bits, self.size_budget_bytes = avg_bits, size_budget_bytes
         self.method, self.act_order = method, act_order
@@ -125,6 +127,10 @@ class MixedPrecisionPass(Pass):
             fixed = low.weight_bytes() - sum(cost[n][smallest[n]] for n in layers)
             budget = float(self.size_budget_bytes) - fixed
         chosen = choose_bits(sens, cost, budget)
+        if self.method == "gptaq":  # widths chosen on GPTQ's errors; the weights by GPTAQ in graph order
+            from .gptaq import ErrorFeedbackQuantizer
+
+            quantizer = ErrorFeedbackQuantizer(graph, self.feeds, act_order=self.act_order, percdamp=self.percdamp)
         result = QuantizeWeightsPass(self.config, layer_bits=chosen, quantizer=quantizer)(graph)
         g = result.graph
         g.metadata["mixed_precision"] = self._summary(graph, layers, chosen, sens, cost, budget)
@@ -135,7 +141,7 @@ class MixedPrecisionPass(Pass):
     def _quantize_all(self, graph: Graph, layers: dict[str, str]) -> dict[str, dict[int, PackedWeight]]:
         cfg = self.config
         gptq = None
-        if self.method == "gptq":
+        if self.method in ("gptq", "gptaq"):
             gptq = GPTQQuantizer(self.stats, act_order=self.act_order, percdamp=self.percdamp)
         table: dict[str, dict[int, PackedWeight]] = {}
         for name, weight in layers.items():

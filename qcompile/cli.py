@@ -59,8 +59,9 @@ def _compile_parser() -> argparse.ArgumentParser:
                    help="function-preserving passes before quantization, in order: reorder, hadamard")
     p.add_argument("--requantize", action="store_true",
                    help="pre-quantized model: dequantize its layers and re-quantize with --bits (default: keep its recipe)")
-    p.add_argument("--method", default="rtn", choices=("rtn", "gptq"),
-                   help="weight quantization: rtn (round to nearest) or gptq (calibrated; default rtn)")
+    p.add_argument("--method", default="rtn", choices=("rtn", "gptq", "gptaq"),
+                   help="weight quantization: rtn (round to nearest), gptq (calibrated) or gptaq (GPTQ with "
+                        "error feedback from the layers already quantized; best at 2-3 bits); default rtn")
     p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
                    help="GPTQ: quantize inputs by decreasing Hessian diagonal (default on)")
     p.add_argument("--calib", default=None, metavar="FILE.npz",

@@ -14,7 +14,7 @@ ARM64_CPUS = ("cortex-a55", "cortex-a76", "neoverse-n1", "neoverse-n2", "apple-m
 ARM64_DEFAULT_CPU = "neoverse-n1"
 WEIGHT_BITS = (2, 3, 4, 8, 16)
 # weight quantization methods (--method): round-to-nearest, or GPTQ on calibration Hessians
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "gptaq")
 # function-preserving graph passes run before quantization, in the order given (--passes)
 GRAPH_PASSES = ("reorder", "hadamard")
 
@@ -33,7 +33,9 @@ class CompileConfig:
     ``passes``: function-preserving rewrites run on the float graph before quantization, in
     order: "reorder" (passes.reorder_channels, calibrated on the compile's eval inputs) and
     "hadamard" (passes.hadamard_rotation).
-    ``method``: "rtn" or "gptq" (passes.gptq, calibrated). ``act_order`` (default on): GPTQ in order of
+    ``method``: "rtn", "gptq" (passes.gptq, calibrated) or "gptaq" (passes.gptaq: GPTQ in graph
+    order, each layer fit to the quantized model's inputs with the float model's output and
+    residual stream as target; weight-only). ``act_order`` (default on): GPTQ in order of
     decreasing Hessian diagonal (static groups). ``calib``: npz of calibration inputs (default:
     the compile's eval inputs, else synthesized). Mixed precision (passes.mixed_precision)
     runs when ``bits`` is fractional (a non-integer average of code bits in (2, 8), e.g. 2.5) or
@@ -117,6 +119,9 @@ class CompileConfig:
                              f"such as 2.5 for mixed precision (got {self.bits})")
         if self.method not in METHODS:
             raise InputError(f"--method must be one of {', '.join(METHODS)} (got '{self.method}')")
+        if self.method == "gptaq" and self.act_bits != 16:
+            raise InputError("--method gptaq is for weight-only quantization (--act-bits 16); "
+                             "with --act-bits 8 use --method gptq")
         if self.size_budget_mb is not None and not (self.size_budget_mb > 0 and self.bits != 16):
             raise InputError(f"--size-budget must be a positive number of MB, with quantization on (got {self.size_budget_mb})")
         if self.group_size < 0 or (self.group_size and self.group_size % 8):

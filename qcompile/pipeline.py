@@ -133,6 +133,11 @@ def _quantize(graph: Graph, config: CompileConfig, calibration: dict | None) -> 
         avg = None if budget is not None else float(config.bits)
         return MixedPrecisionPass(wq, stats, avg_bits=avg, size_budget_bytes=budget, method=config.method,
                                   act_order=config.act_order, fixed_bits=layer_bits, feeds=feeds)(graph).graph
+    if config.method == "gptaq":
+        from qcompile.passes.gptaq import ErrorFeedbackQuantizer
+
+        quantizer = ErrorFeedbackQuantizer(graph, feeds, act_order=config.act_order)
+        return QuantizeWeightsPass(wq, layer_bits=layer_bits, quantizer=quantizer)(graph).graph
     from qcompile.passes.gptq import GPTQPass
 
     return GPTQPass(wq, stats, act_order=config.act_order, layer_bits=layer_bits)(graph).graph

@@ -65,6 +65,7 @@ COLUMNS = {
     "gptq": dict(method="gptq"),
     "gptq+hadamard": dict(method="gptq", passes=("hadamard",)),
     "gptq+both": dict(method="gptq", passes=("reorder", "hadamard")),
+    "gptaq+hadamard": dict(method="gptaq", passes=("hadamard",)),
 }
 
 
