@@ -11,7 +11,8 @@ take 4 bits (--outlier-bits 4), and W2A16 g128, the 2.0-bit average (mixed preci
 zero points, refit after GPTQ: passes.rtn, passes.gptq). Columns (:data:`COLUMNS`): RTN,
 +reorder, +hadamard, +both (function-preserving passes before RTN), then GPTQ alone and
 after those passes, with the defaults a user gets from ``--method gptq`` (act-order,
-dampening: passes.gptq).
+dampening: passes.gptq), and GPTAQ +hadamard (``--method gptaq``: GPTQ in graph order with
+error feedback, passes.gptaq; weight-only rows).
 Embedding tables are 8-bit in every row. Every qcompile figure is the reference
 interpreter's output of the quantized graph (what the compiled code reproduces; see the
 artifact's compiled_vs_fake_quant figure). Calibration (reorder, GPTQ, outlier split,
@@ -66,6 +67,7 @@ COLUMNS = {
     "gptq+hadamard": dict(method="gptq", passes=("hadamard",)),
     "gptq+both": dict(method="gptq", passes=("reorder", "hadamard")),
     "gptaq+hadamard": dict(method="gptaq", passes=("hadamard",)),
+    "gptaq+both": dict(method="gptaq", passes=("reorder", "hadamard")),
 }
 
 
@@ -79,6 +81,8 @@ def qcompile_cell(graph, feeds, calib, row: dict, col: dict) -> float | str:
     from qcompile.errors import QCompileError
     from qcompile.interpreter import run
 
+    if col.get("method") == "gptaq" and row.get("act_bits", 16) != 16:
+        return "n/a"  # GPTAQ is weight-only
     try:
         config = replace(CompileConfig(embedding_bits=8), **row, **col)
         _, quantized = _optimize(graph, config, calibration=calib)
