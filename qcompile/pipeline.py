@@ -125,6 +125,11 @@ def _quantize(graph: Graph, config: CompileConfig, calibration: dict | None) -> 
     if config.method == "rtn" and not config.mixed_precision:
         return QuantizeWeightsPass(wq, layer_bits=layer_bits)(graph).graph
     feeds = feeds or _calibration_feeds(graph, config, calibration)
+    if config.method == "gptaq" and not config.mixed_precision:  # collects its own statistics, in order
+        from qcompile.passes.gptaq import ErrorFeedbackQuantizer
+
+        quantizer = ErrorFeedbackQuantizer(graph, feeds, act_order=config.act_order)
+        return QuantizeWeightsPass(wq, layer_bits=layer_bits, quantizer=quantizer)(graph).graph
     stats = calibrate.collect_statistics(graph, feeds)
     if config.mixed_precision:
         from qcompile.passes.mixed_precision import MixedPrecisionPass
@@ -133,11 +138,6 @@ def _quantize(graph: Graph, config: CompileConfig, calibration: dict | None) -> 
         avg = None if budget is not None else float(config.bits)
         return MixedPrecisionPass(wq, stats, avg_bits=avg, size_budget_bytes=budget, method=config.method,
                                   act_order=config.act_order, fixed_bits=layer_bits, feeds=feeds)(graph).graph
-    if config.method == "gptaq":
-        from qcompile.passes.gptaq import ErrorFeedbackQuantizer
-
-        quantizer = ErrorFeedbackQuantizer(graph, feeds, act_order=config.act_order)
-        return QuantizeWeightsPass(wq, layer_bits=layer_bits, quantizer=quantizer)(graph).graph
     from qcompile.passes.gptq import GPTQPass
 
     return GPTQPass(wq, stats, act_order=config.act_order, layer_bits=layer_bits)(graph).graph

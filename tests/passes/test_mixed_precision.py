@@ -77,11 +77,12 @@ def _stats(g):
     return collect_statistics(g, [{"x": x}])
 
 
-@pytest.mark.parametrize("method", ["rtn", "gptq"])
+@pytest.mark.parametrize("method", ["rtn", "gptq", "gptaq"])
 def test_pass_average_bits_budget(method):
     g = _mlp()
     cfg = WeightQuantConfig(bits=4, group_size=32)
-    q = MixedPrecisionPass(cfg, _stats(g), avg_bits=2.5, method=method)(g).graph
+    feeds = [{"x": np.random.default_rng(5).standard_normal((T, K)).astype(np.float32)}]
+    q = MixedPrecisionPass(cfg, _stats(g), avg_bits=2.5, method=method, feeds=feeds)(g).graph
     mp = q.metadata["mixed_precision"]
     sizes = {"fc1": K * H, "fc2": H * H, "fc3": H * N}
     bits = {r["node"]: r["bits"] for r in q.metadata["quant_recipe"]}
