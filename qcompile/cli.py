@@ -198,7 +198,8 @@ def _cmd_inspect(argv) -> int:
                               if k in layer))
             continue
         print(f"    {layer.get('node')}: {layer.get('op')} {layer.get('bits')}-bit group {layer.get('group_size')} "
-              f"{'sym' if layer.get('symmetric') else 'asym'} rel.err {layer.get('rel_error', float('nan')):.4f}")
+              f"{'sym' if layer.get('symmetric') else 'asym'} {layer.get('method', 'rtn')} "
+              f"rel.err {layer.get('rel_error', float('nan')):.4f}")
     print(f"  files: " + ", ".join(f"{k} ({v['bytes']} B, sha256 ok)" for k, v in manifest["files"].items()))
     return 0
 

@@ -76,3 +76,13 @@ def test_compile_run_inspect_roundtrip(tmp_path, capsys, mlp_onnx):
     np.savez(tmp_path / "wrong.npz", z=x)
     assert main(["run", str(out), "--inputs", str(tmp_path / "wrong.npz"), "--output", str(tmp_path / "r.npz")]) == 2
     assert "missing input" in capsys.readouterr().err
+
+
+def test_gptaq_from_the_cli_is_recorded_per_layer(tmp_path, capsys, mlp_onnx):
+    out = tmp_path / "art"
+    assert main([str(mlp_onnx), "-o", str(out), "--bits", "2", "--group-size", "32", "--method", "gptaq", "-q"]) == 0
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert text.count("2-bit group 32 asym gptaq") == 2
+    assert main([str(mlp_onnx), "-o", str(tmp_path / "bad"), "--bits", "8", "--act-bits", "8", "--method", "gptaq"]) == 2
+    assert "weight-only" in capsys.readouterr().err and not (tmp_path / "bad").exists()
