@@ -47,11 +47,11 @@ def pack_vnni(w):
     return w.reshape(k // 4, 4, n // 16, 16).transpose(2, 0, 3, 1).copy()
 
 
-def quantize_rows_kernel(m: int, k: int, target) -> tirx.PrimFunc:
+def quantize_rows_kernel(m: int, k: int, target, qmax: int = 127) -> tirx.PrimFunc:
     """Dynamic per-row symmetric quantization.  Args: x f32[m, k], u uint8[m, k], scale f32[m, 1].
 
-    amax = max(max_k |x|, AMAX_FLOOR); scale = amax / 127; u = clip(rne(x * (127 / amax)),
-    -127, 127) + 128.
+    amax = max(max_k |x|, AMAX_FLOOR); scale = amax / qmax; u = clip(rne(x * (qmax / amax)),
+    -qmax, qmax) + 128 (qmax 127, or 7 for 4-bit activation codes).
     """
     _check_dims(m=m, k=k)
     lanes = 16 if k % 16 == 0 else 1
@@ -61,24 +61,24 @@ def quantize_rows_kernel(m: int, k: int, target) -> tirx.PrimFunc:
     rl = te.reduce_axis((0, lanes), name="rl")
     amax = te.compute((m,), lambda i: te.max(part[i, rl], axis=rl), name="amax")
     floor = tirx.const(AMAX_FLOOR, "float32")
-    inv = te.compute((m,), lambda i: tirx.const(127.0, "float32") / te.max(amax[i], floor), name="inv")
-    scale = te.compute((m, 1), lambda i, _: te.max(amax[i], floor) / tirx.const(127.0, "float32"),
-                       name="scale")
-    u = te.compute((m, k), lambda i, j: _to_u8(x[i, j] * inv[i], target), name="quant")
+    top = tirx.const(float(qmax), "float32")
+    inv = te.compute((m,), lambda i: top / te.max(amax[i], floor), name="inv")
+    scale = te.compute((m, 1), lambda i, _: te.max(amax[i], floor) / top, name="scale")
+    u = te.compute((m, k), lambda i, j: _to_u8(x[i, j] * inv[i], target, qmax), name="quant")
     from qcompile.schedules import llvm_int8 as sched  # on first use: it registers the VNNI intrinsic
 
     return _finish([x, u, scale], target, lambda s, p: sched.schedule_quantize_rows(s, m, k, lanes, p))
 
 
-def quantize_static_kernel(m: int, k: int, scale: float, target) -> tirx.PrimFunc:
+def quantize_static_kernel(m: int, k: int, scale: float, target, qmax: int = 127) -> tirx.PrimFunc:
     """Static per-tensor quantization.  Args: x f32[m, k], u uint8[m, k].
 
-    u = clip(rne(x * float32(1 / scale)), -127, 127) + 128.
+    u = clip(rne(x * float32(1 / scale)), -qmax, qmax) + 128.
     """
     _check_dims(m=m, k=k)
     x = te.placeholder((m, k), "float32", name="x")
     inv = tirx.const(float(_f32_inverse(scale)), "float32")
-    u = te.compute((m, k), lambda i, j: _to_u8(x[i, j] * inv, target), name="quant")
+    u = te.compute((m, k), lambda i, j: _to_u8(x[i, j] * inv, target, qmax), name="quant")
     from qcompile.schedules import llvm_int8 as sched  # on first use: it registers the VNNI intrinsic
 
     return _finish([x, u], target, lambda s, p: sched.schedule_elementwise(s, "quant", m, k, p))
@@ -100,9 +100,9 @@ def round_half_even(v, target):
     return tirx.nearbyint(v)
 
 
-def _to_u8(v, target):
+def _to_u8(v, target, qmax: int = 127):
     r = round_half_even(v, target)
-    r = te.max(te.min(r, tirx.const(127.0, "float32")), tirx.const(-127.0, "float32"))
+    r = te.max(te.min(r, tirx.const(float(qmax), "float32")), tirx.const(-float(qmax), "float32"))
     return (r.astype("int32") + 128).astype("uint8")
 
 

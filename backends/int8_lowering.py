@@ -22,6 +22,7 @@ import numpy as np
 from tvm import relax
 
 from qcompile.errors import UnsupportedOpError
+from qcompile.interpreter_int8 import act_qmax
 
 from . import int8_gemm, int8_kernels
 
@@ -35,11 +36,11 @@ def _shape(x) -> tuple[int, ...]:
     return tuple(int(d) for d in x.ty.shape)
 
 
-def _call(ctx, builder: str, params: tuple, args, out_sinfo):
-    key = ("int8_kernels." + builder, params)
+def _call(ctx, builder: str, params: tuple, args, out_sinfo, **options):
+    key = ("int8_kernels." + builder, params, tuple(sorted(options.items())))
     gvar = ctx._kernels.get(key)  # pylint: disable=protected-access  (the context's kernel cache)
     if gvar is None:
-        func = getattr(int8_kernels, builder)(*params, ctx.target).with_attr("op_pattern", OPAQUE)
+        func = getattr(int8_kernels, builder)(*params, ctx.target, **options).with_attr("op_pattern", OPAQUE)
         gvar = ctx.bb.add_func(func, f"{builder.replace('_kernel', '')}_{len(ctx._kernels)}")
         ctx._kernels[key] = gvar  # pylint: disable=protected-access
     return ctx.emit(relax.call_tir(gvar, args, out_sinfo))
@@ -54,13 +55,14 @@ def _rows(ctx, x):
 def _quantize_act(ctx, node):
     x, lead = _rows(ctx, ctx.get(node.inputs[0]))
     m, k = _shape(x)
+    qmax = int(act_qmax(node.attrs.get("bits", 8)))
     if node.attrs.get("mode", "dynamic") == "static":
         scale = float(node.attrs["scale"])
-        u = _call(ctx, "quantize_static_kernel", (m, k, scale), [x], relax.TensorType((m, k), "uint8"))
+        u = _call(ctx, "quantize_static_kernel", (m, k, scale), [x], relax.TensorType((m, k), "uint8"), qmax=qmax)
         s = relax.const(np.full((*lead, 1), np.float32(scale), np.float32))
     else:
         out = _call(ctx, "quantize_rows_kernel", (m, k), [x],
-                    [relax.TensorType((m, k), "uint8"), relax.TensorType((m, 1), "float32")])
+                    [relax.TensorType((m, k), "uint8"), relax.TensorType((m, 1), "float32")], qmax=qmax)
         u, s = ctx.emit(relax.TupleGetItem(out, 0)), ctx.emit(relax.TupleGetItem(out, 1))
         if len(lead) != 1:
             s = ctx.emit(R.reshape(s, (*lead, 1)))
@@ -107,6 +109,6 @@ def _int8_linear(ctx, node):
 
 
 INT8_LOWERINGS = {
-    "QuantizeAct": (_quantize_act, frozenset({"mode", "scale"})),
+    "QuantizeAct": (_quantize_act, frozenset({"mode", "scale", "bits"})),
     "Int8Linear": (_int8_linear, frozenset({"wbits"})),
 }

@@ -1,4 +1,4 @@
-"""QuantizeActivationsPass: W8A8 / W4A8 -- Linear layers become integer GEMMs.
+"""QuantizeActivationsPass: W8A8 / W4A8 / W4A4 -- Linear layers become integer GEMMs.
 
 Rewrites (functional: works on ``graph.copy()``; node names and output values are kept):
 
@@ -6,7 +6,9 @@ Rewrites (functional: works on ``graph.copy()``; node names and output values ar
    ``QuantizeAct(x) -> (x.act_u8 uint8, x.act_scale float32[..., 1])`` is inserted right
    before the first such Linear (the Q/K/V projections of a transformer share one).
    ``mode="dynamic"``: per row (token) absmax scales; ``mode="static"``: one scale per tensor,
-   ``absmax / 127`` from ``config.ranges`` (see :func:`collect_act_ranges`).
+   ``absmax / qmax`` from ``config.ranges`` (see :func:`collect_act_ranges`). ``qmax`` is 127,
+   or 7 with ``config.act_bits`` 4 (attr ``bits=4``: 4-bit codes, held in the same uint8
+   layout so the int8 GEMMs run them unchanged).
 2. ``Linear(x, W[K, N], b?)`` -> ``Int8Linear(x.act_u8, x.act_scale, W.q int8[K, N],
    W.wscale float32[N], b | "")`` with attr ``wbits``: weights symmetric per output channel,
    ``wscale = clip_ratio * max_k |W[k, n]| / qmax`` with ``qmax = 2**(wbits-1) - 1``
@@ -37,6 +39,7 @@ from typing import Iterable
 import numpy as np
 
 from qcompile.errors import InputError, InvariantError
+from qcompile.interpreter_int8 import act_qmax
 from qcompile.ir import Graph, Node, TensorType
 
 from .base import Pass, PassResult
@@ -60,6 +63,7 @@ class ActQuantConfig:
     """
 
     weight_bits: int = 8
+    act_bits: int = 8
     mode: str = "dynamic"
     ranges: dict = field(default_factory=dict)
     clip_search: bool | None = None
@@ -70,6 +74,8 @@ class ActQuantConfig:
     def __post_init__(self):
         if self.weight_bits not in (4, 8):
             raise InputError(f"--bits with --act-bits 8 must be 4 or 8 (got {self.weight_bits})")
+        if self.act_bits not in (4, 8):
+            raise InputError(f"--act-bits must be 4 or 8 for integer GEMMs (got {self.act_bits})")
         if self.mode not in MODES:
             raise InputError(f"--act-mode must be one of {', '.join(MODES)} (got '{self.mode}')")
 
@@ -164,11 +170,13 @@ class QuantizeActivationsPass(Pass):
         u = g.add_value(g.fresh_name(f"{x}.act_u8"), TensorType(xt.shape, "uint8"))
         s = g.add_value(g.fresh_name(f"{x}.act_scale"), TensorType(xt.shape[:-1] + (1,), "float32"))
         attrs = {"mode": self.config.mode}
+        if self.config.act_bits != 8:
+            attrs["bits"] = self.config.act_bits
         if self.config.mode == "static":
             amax = float(self.config.ranges[x])
             if not np.isfinite(amax) or amax <= 0:
                 raise InputError(f"static activation range of '{x}' (input of node '{node.name}') is {amax}")
-            attrs["scale"] = float(np.float32(amax) / np.float32(127))
+            attrs["scale"] = float(np.float32(amax) / act_qmax(self.config.act_bits))
         name = g.fresh_name(f"{node.name}.quantize_act")
         return Node("QuantizeAct", name, [x], [u, s], attrs), (u, s)
 
@@ -185,7 +193,7 @@ class QuantizeActivationsPass(Pass):
         k, n = g.type_of(node.inputs[1]).shape
         return {"node": node.name, "op": "Int8Linear", "shape": [int(k), int(n)],
                 "bits": self.config.weight_bits, "group_size": 0, "symmetric": True, "method": "rtn",
-                "act_bits": 8, "act_mode": self.config.mode, "clip_search": self.config.search,
+                "act_bits": self.config.act_bits, "act_mode": self.config.mode, "clip_search": self.config.search,
                 "weight_bytes_fp32": int(k * n * 4), "weight_bytes_packed": int(k * n + 4 * n),
                 "rel_error": round(err, 6)}
 
@@ -235,7 +243,8 @@ def quantize_w8a8(graph: Graph, config, calibration: dict | None = None) -> Grap
         feeds = calibrate.split_batches(graph, arrays) if arrays is not None else [synthesize_inputs(graph)]
         graph = smooth_for_static(graph, feeds, getattr(config, "smooth", 0.0))
         ranges = collect_act_ranges(graph, feeds)
-    act = ActQuantConfig(weight_bits=int(config.bits), mode=config.act_mode, ranges=ranges)
+    act = ActQuantConfig(weight_bits=int(config.bits), act_bits=int(config.act_bits), mode=config.act_mode,
+                         ranges=ranges)
     g = QuantizeActivationsPass(act)(graph).graph
     recipe = list(g.metadata.get("quant_recipe", []))
     wq = WeightQuantConfig(bits=int(config.bits), group_size=config.group_size, symmetric=config.symmetric,

@@ -70,8 +70,9 @@ def _compile_parser() -> argparse.ArgumentParser:
                    help="mixed precision: total weight size of the compiled model in MB")
     p.add_argument("--fallback", default="off", choices=("off", "auto"),
                    help="auto: keep layers float whose quantized kernel is estimated slower (default off: warn)")
-    p.add_argument("--act-bits", type=int, default=16, choices=(8, 16),
-                   help="8: int8 activations into integer GEMMs (W8A8 / W4A8 with --bits 4); default 16 (float)")
+    p.add_argument("--act-bits", type=int, default=16, choices=(4, 8, 16),
+                   help="8: int8 activations into integer GEMMs (W8A8 / W4A8 with --bits 4); 4: codes in [-7, 7] "
+                        "(W4A4 with --bits 4; run on the int8 GEMMs); default 16 (float)")
     p.add_argument("--act-mode", default="dynamic", choices=("dynamic", "static"),
                    help="--act-bits 8: per-token dynamic scales, or static per-tensor scales from --calib")
     p.add_argument("--smooth", type=float, default=None, metavar="ALPHA",

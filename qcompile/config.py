@@ -43,7 +43,9 @@ class CompileConfig:
     unless it is 16); widths per Linear come from {2, 3, 4, 8}.
     ``fallback``: "auto" keeps a quantized Linear float when its kernel is estimated slower
     than the float one (backends.profitability; "off" only warns); the recipe records it.
-    ``act_bits`` 8 quantizes Linear activations too (passes.quantize_activations: int8 GEMMs,
+    ``act_bits`` 8 (or 4: codes in [-7, 7], W4A4 / W8A4 numerics on the same int8 GEMMs, as x86
+    and Arm have no 4-bit activation dot product) quantizes Linear activations too
+    (passes.quantize_activations: int8 GEMMs,
     weights ``bits`` 8 or 4 symmetric per channel); ``act_mode`` "dynamic" (per token) or
     "static" (per tensor, calibrated like ``method`` gptq).
     ``integer_only`` (needs ``act_bits`` 8; implies static scales): passes.integerize makes every
@@ -91,14 +93,14 @@ class CompileConfig:
     version: int = 1
 
     def __post_init__(self):
-        if self.act_bits not in (8, 16):
-            raise InputError(f"--act-bits must be 8 or 16 (got {self.act_bits})")
+        if self.act_bits not in (4, 8, 16):
+            raise InputError(f"--act-bits must be 4, 8 or 16 (got {self.act_bits})")
         if self.act_mode not in ("dynamic", "static"):
             raise InputError(f"--act-mode must be dynamic or static (got '{self.act_mode}')")
         if self.integer_only and self.act_bits != 8:
             raise InputError(f"--integer-only needs --act-bits 8 (got {self.act_bits})")
-        if self.act_bits == 8 and self.bits not in (4, 8):
-            raise InputError(f"--act-bits 8 needs --bits 8 or 4 (got {self.bits})")
+        if self.act_bits != 16 and self.bits not in (4, 8):
+            raise InputError(f"--act-bits {self.act_bits} needs --bits 8 or 4 (got {self.bits})")
         if self.smooth is not None and not 0.0 <= self.smooth <= 1.0:
             raise InputError(f"--smooth must lie in [0, 1] (got {self.smooth})")
         if self.fallback not in ("off", "auto"):

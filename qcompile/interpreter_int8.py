@@ -13,28 +13,36 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["INT8_KERNELS", "AMAX_FLOOR", "quantize_rows", "quantize_static", "int8_linear"]
+__all__ = ["INT8_KERNELS", "AMAX_FLOOR", "act_qmax", "quantize_rows", "quantize_static", "int8_linear"]
 
 AMAX_FLOOR = np.float32(1e-8)
 _QMAX = np.float32(127)
 
 
-def _codes(v: np.ndarray) -> np.ndarray:
-    return (np.clip(np.rint(v), -_QMAX, _QMAX).astype(np.int32) + 128).astype(np.uint8)
+def act_qmax(bits: int = 8) -> np.float32:
+    """Largest activation code magnitude of ``QuantizeAct`` with attr ``bits``: 127 or 7."""
+    if bits not in (4, 8):
+        raise ValueError(f"activation codes are 4 or 8 bits (got {bits})")
+    return np.float32(2 ** (bits - 1) - 1)
 
 
-def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _codes(v: np.ndarray, qmax=_QMAX) -> np.ndarray:
+    return (np.clip(np.rint(v), -qmax, qmax).astype(np.int32) + 128).astype(np.uint8)
+
+
+def quantize_rows(x: np.ndarray, qmax=_QMAX) -> tuple[np.ndarray, np.ndarray]:
     """Dynamic per-row (last axis) symmetric quantization -> (u uint8, scale float32[..., 1])."""
     x = x.astype(np.float32, copy=False)
+    qmax = np.float32(qmax)
     amax = np.maximum(np.max(np.abs(x), axis=-1, keepdims=True), AMAX_FLOOR)
-    inv = (_QMAX / amax).astype(np.float32)
-    return _codes(x * inv), (amax / _QMAX).astype(np.float32)
+    inv = (qmax / amax).astype(np.float32)
+    return _codes(x * inv, qmax), (amax / qmax).astype(np.float32)
 
 
-def quantize_static(x: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
+def quantize_static(x: np.ndarray, scale: float, qmax=_QMAX) -> tuple[np.ndarray, np.ndarray]:
     """Static per-tensor quantization with ``scale`` -> (u uint8, scale float32[..., 1])."""
     inv = np.float32(1) / np.float32(scale)
-    u = _codes(x.astype(np.float32, copy=False) * inv)
+    u = _codes(x.astype(np.float32, copy=False) * inv, np.float32(qmax))
     return u, np.full(x.shape[:-1] + (1,), np.float32(scale), np.float32)
 
 
@@ -47,9 +55,10 @@ def int8_linear(u, xscale, qweight, wscale, bias=None) -> np.ndarray:
 
 
 def _quantize_act(g, n, a):
+    qmax = act_qmax(n.attrs.get("bits", 8))
     if n.attrs.get("mode", "dynamic") == "static":
-        return list(quantize_static(a[0], n.attrs["scale"]))
-    return list(quantize_rows(a[0]))
+        return list(quantize_static(a[0], n.attrs["scale"], qmax))
+    return list(quantize_rows(a[0], qmax))
 
 
 def _int8_linear(g, n, a):

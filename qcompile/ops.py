@@ -64,11 +64,12 @@ Quantization (numerics of the ONNX specification; see qcompile.interpreter_quant
 Activation quantization, W8A8 (reference: qcompile.interpreter_int8). Codes are uint8 with
 zero point 128: u = q + 128, q in [-127, 127]; rounding is half to even.
   QuantizeAct(x[..., K]) -> (u uint8[..., K], scale float32[..., 1])
-      attrs: mode ("dynamic" | "static"), scale (float; static only).
-      dynamic (per row): amax = max(max_K |x|, 1e-8); scale = amax / 127;
-          u = clip(rne(x * (127 / amax)), -127, 127) + 128 (all float32).
+      attrs: mode ("dynamic" | "static"), scale (float; static only), bits (8 | 4, default 8):
+      qmax = 2**(bits - 1) - 1 (127 or 7).
+      dynamic (per row): amax = max(max_K |x|, 1e-8); scale = amax / qmax;
+          u = clip(rne(x * (qmax / amax)), -qmax, qmax) + 128 (all float32).
       static (per tensor): scale output filled with attr scale;
-          u = clip(rne(x * float32(1 / scale)), -127, 127) + 128.
+          u = clip(rne(x * float32(1 / scale)), -qmax, qmax) + 128.
   Int8Linear(u uint8[..., K], xscale f32[..., 1], qweight int8 const [K, N], wscale f32 [N], bias f32 [N]?)
       y = float32(sum_k (u - 128) * qweight[k, n]) * (xscale * wscale[n]) + bias[n];
       exact integer accumulation (int32). attrs: wbits (qweight lies in +-(2**(wbits-1) - 1)).

@@ -92,7 +92,7 @@ def _quantize(graph: Graph, config: CompileConfig, calibration: dict | None) -> 
     from qcompile.passes.quant_config import WeightQuantConfig
     from qcompile.passes.quantize_weights import QuantizeWeightsPass
 
-    if config.act_bits == 8 and config.method == "gptq":  # GPTQ weights on the int8 GEMMs' grid
+    if config.act_bits != 16 and config.method == "gptq":  # GPTQ weights on the int8 GEMMs' grid
         from qcompile.passes import calibrate
         from qcompile.passes.gptq import GPTQRoundWeightsPass
 
@@ -103,7 +103,7 @@ def _quantize(graph: Graph, config: CompileConfig, calibration: dict | None) -> 
         from qcompile.passes.integerize import integerize_w8a8
 
         return label_rounded(integerize_w8a8(graph, config, calibration))
-    if config.act_bits == 8:
+    if config.act_bits != 16:
         from qcompile.passes.gptq import label_rounded
         from qcompile.passes.quantize_activations import quantize_w8a8
 

@@ -3,7 +3,7 @@
 recipes, beside onnxruntime's own quantizers, on the same 32 held-out sentences.
 
 Rows (:data:`ROWS`, with :data:`ROW_LABELS`): W8A8 and W4A8 (int8 per-token dynamic
-activations, symmetric per-channel weights), W4A16 g128 and W3A16 g128 (weight-only,
+activations, symmetric per-channel weights), W4A4 (4-bit per-token activation codes), W4A16 g128 and W3A16 g128 (weight-only,
 asymmetric groups of 128 with clip search), mixed precision at a 2.5-bit code average
 (per-Linear widths from {2, 3, 4, 8}, g128), W2A16 g128 whose leading outlier groups
 take 4 bits (--outlier-bits 4), and W2A16 g128, the 2.0-bit average (mixed precision at a
@@ -41,6 +41,7 @@ import numpy as np
 ROWS = {
     "W8A8": dict(bits=8, act_bits=8),
     "W4A8": dict(bits=4, act_bits=8),
+    "W4A4": dict(bits=4, act_bits=4),
     "W4A16g128": dict(bits=4, group_size=128),
     "W3A16g128": dict(bits=3, group_size=128),
     "mixed2.5": dict(bits=2.5, group_size=128),
@@ -51,6 +52,7 @@ ROWS = {
 ROW_LABELS = {
     "W8A8": "W8A8 (int8 dynamic per-token acts, W8 per-channel sym)",
     "W4A8": "W4A8 (int8 dynamic per-token acts, W4 per-channel sym)",
+    "W4A4": "W4A4 (4-bit dynamic per-token acts, W4 per-channel sym)",
     "W4A16g128": "W4A16 g128 (weight-only, asym)",
     "W3A16g128": "W3A16 g128 (weight-only, asym)",
     "mixed2.5": "mixed {2,3,4,8} at 2.5-bit avg, g128",

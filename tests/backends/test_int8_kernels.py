@@ -42,6 +42,21 @@ def test_quantize_rows_matches_reference(target, m, k):
     np.testing.assert_array_equal(s, rs)
 
 
+def test_four_bit_codes_match_reference_and_stay_in_range(target):
+    """QuantizeAct bits=4 (W4A4): codes in [-7, 7] around the zero point 128, dynamic and static."""
+    x = _rows(np.random.default_rng(3), 8, 64)
+    (u, s), _ = _run(K.quantize_rows_kernel(8, 64, target, qmax=7), [x], [((8, 64), "uint8"), ((8, 1), "float32")],
+                     target)
+    ru, rs = quantize_rows(x, 7)
+    np.testing.assert_array_equal(u, ru)
+    np.testing.assert_array_equal(s, rs)
+    assert u.min() >= 121 and u.max() <= 135 and {121, 135} <= set(np.unique(u).tolist())
+    np.testing.assert_allclose((ru.astype(np.float32) - 128) * rs, x, atol=float(rs.max()) / 2 * 1.0001)
+    (us,), _ = _run(K.quantize_static_kernel(8, 64, 0.5, target, qmax=7), [x], [((8, 64), "uint8")], target)
+    np.testing.assert_array_equal(us, quantize_static(x, 0.5, 7)[0])
+    assert us.min() == 121 and us.max() == 135  # |x| / 0.5 exceeds 7: saturated both ways
+
+
 def test_round_half_even_in_codes(target):
     x = np.array([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5]], np.float32)
     (u, _), _ = _run(K.quantize_rows_kernel(1, 8, target), [x], [((1, 8), "uint8"), ((1, 1), "float32")], target)

@@ -154,6 +154,12 @@ def test_cli_integer_only(tmp_path, mlp_onnx):
 
     with pytest.raises(InputError, match="--integer-only needs --act-bits 8"):
         CompileConfig(integer_only=True)
+    with pytest.raises(InputError, match="--integer-only needs --act-bits 8"):
+        CompileConfig(bits=4, act_bits=4, integer_only=True)
+    with pytest.raises(InputError, match="--act-bits 4 needs --bits 8 or 4"):
+        CompileConfig(bits=2, act_bits=4)
+    with pytest.raises(InputError, match="--act-bits must be 4, 8 or 16"):
+        CompileConfig(act_bits=6)
     out = tmp_path / "art"
     assert main([str(mlp_onnx), "-o", str(out), "--bits", "8", "--act-bits", "8", "--integer-only", "-q"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
