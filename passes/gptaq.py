@@ -58,15 +58,16 @@ logger = logging.getLogger(__name__)
 RIDGE = 0.5  # lam above: MiniLM W2 g128 held-out cosine 0.9204 / 0.9206 / 0.9192 / 0.9168 at 0.3 / 0.5 / 1 / 2 (267 sentences)
 
 
-def corrected_weight(w: np.ndarray, x_quant: np.ndarray, error: np.ndarray, ridge: float = RIDGE) -> np.ndarray:
-    """``W + (H~ + ridge * mean(diag H~) I)^-1 X~^T E / n`` (float64), with ``H~ = X~^T X~ / n``.
+def corrected_weight(w: np.ndarray, hessian: np.ndarray, x_quant: np.ndarray, error: np.ndarray,
+                     ridge: float = RIDGE) -> np.ndarray:
+    """``W + (H~ + ridge * mean(diag H~) I)^-1 X~^T E / n`` (float64).
 
-    ``x_quant`` [n, K] is the quantized model's input, ``error`` [n, N] the target minus
-    ``X~ W`` (what the layer should add to reproduce the float model)."""
-    n = max(len(x_quant), 1)
-    h = x_quant.T @ x_quant / n
+    ``x_quant`` [n, K] is the quantized model's input and ``hessian`` its ``H~ = X~^T X~ / n``;
+    ``error`` [n, N] is the target minus ``X~ W`` (what the layer should add to reproduce the
+    float model)."""
+    h = np.array(hessian, np.float64)
     h[np.diag_indices_from(h)] += ridge * max(float(np.mean(np.diag(h))), 1e-12)
-    return np.asarray(w, np.float64) + np.linalg.solve(h, x_quant.T @ error / n)
+    return np.asarray(w, np.float64) + np.linalg.solve(h, x_quant.T @ error / max(len(x_quant), 1))
 
 
 class ErrorFeedbackQuantizer:
@@ -105,8 +106,9 @@ class ErrorFeedbackQuantizer:
         error = (x_float - x_quant) @ w64
         if len(names) > 1:  # the residual stream's error, for this layer to absorb
             error += float_rows[1][1][clean] - quant_rows[1][1][clean]
-        target = corrected_weight(w64, x_quant, error, self.ridge).astype(np.float32)
-        pw = gptq_quantize(target, x_quant.T @ x_quant / len(x_quant), bits, group_size, symmetric, clip_search,
+        hessian = x_quant.T @ x_quant / len(x_quant)
+        target = corrected_weight(w64, hessian, x_quant, error, self.ridge).astype(np.float32)
+        pw = gptq_quantize(target, hessian, bits, group_size, symmetric, clip_search,
                            act_order=self.act_order, percdamp=self.percdamp, name=node)
         sweep.replace_weight(node, pw.dequantize().astype(np.float32))
         self.done += 1

@@ -73,7 +73,7 @@ class ActQuantConfig:
 
     def __post_init__(self):
         if self.weight_bits not in (4, 8):
-            raise InputError(f"--bits with --act-bits 8 must be 4 or 8 (got {self.weight_bits})")
+            raise InputError(f"--bits with --act-bits {self.act_bits} must be 4 or 8 (got {self.weight_bits})")
         if self.act_bits not in (4, 8):
             raise InputError(f"--act-bits must be 4 or 8 for integer GEMMs (got {self.act_bits})")
         if self.mode not in MODES:

@@ -52,10 +52,10 @@ def test_corrected_weight_is_w_without_error_and_solves_the_ridge_problem():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((300, 16))
     w = rng.standard_normal((16, 4))
-    np.testing.assert_allclose(corrected_weight(w, x, np.zeros((300, 4))), w)
-    err = rng.standard_normal((300, 4))
-    got = corrected_weight(w, x, err, ridge=0.5)
     h = x.T @ x / 300
+    np.testing.assert_allclose(corrected_weight(w, h, x, np.zeros((300, 4))), w)
+    err = rng.standard_normal((300, 4))
+    got = corrected_weight(w, h, x, err, ridge=0.5)
     lam = 0.5 * np.mean(np.diag(h))
     # normal equations of min ||x (W' - W) - err||^2 / n + lam ||W' - W||^2
     np.testing.assert_allclose((h + lam * np.eye(16)) @ (got - w), x.T @ err / 300, rtol=1e-10, atol=1e-12)
