@@ -130,10 +130,7 @@ class ErrorFeedbackQuantizer:
 def _residual_partners(graph: Graph) -> dict[str, str]:
     """Linear name -> the other input of the Add that is its only consumer, when that input is
     computed before the Linear (a residual stream the Linear's output is added to)."""
-    consumers: dict[str, list] = {}
-    for node in graph.nodes:
-        for name in node.inputs:
-            consumers.setdefault(name, []).append(node)
+    consumers = graph.consumers()
     producer = {name: -1 for name in graph.inputs}
     producer.update({out: i for i, node in enumerate(graph.nodes) for out in node.outputs})
     out = {}
