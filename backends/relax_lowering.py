@@ -28,12 +28,12 @@ from types import MappingProxyType
 
 import numpy as np
 import tvm
-from tvm import relax
+from tvm import relax, te, tirx, topi
 
 from qcompile.errors import InvariantError, UnsupportedOpError
 from qcompile.ir import Graph, Node
 
-from . import kernels, lut_lowering
+from . import kernels, lut_lowering, mlas_float_kernels
 from .hadamard_lowering import lower_hadamard
 from .relax_lowering_qoperator import QOPERATOR_LOWERINGS
 from .relax_lowering_quant import QUANT_LOWERINGS
@@ -148,18 +148,41 @@ _BINARY = {
     "And": R.logical_and, "Or": R.logical_or,
 }
 _UNARY = {
-    "Sqrt": R.sqrt, "Erf": R.erf, "Tanh": R.tanh, "Relu": R.nn.relu, "Sigmoid": R.sigmoid,
+    "Sqrt": R.sqrt, "Tanh": R.tanh, "Relu": R.nn.relu, "Sigmoid": R.sigmoid,
     "Exp": R.exp, "Log": R.log, "Neg": R.negative, "Abs": R.abs, "Not": R.logical_not,
     "IsNaN": R.isnan,
 }
 
 
 def _binary(ctx, node):
-    return ctx.emit(_BINARY[node.op](ctx.get(node.inputs[0]), ctx.get(node.inputs[1])))
+    a, b = ctx.get(node.inputs[0]), ctx.get(node.inputs[1])
+    if node.op == "Mul" and str(a.ty.dtype).startswith("float"):
+        return ctx.bb.emit_te(_rounded_multiply, a, b, primfunc_name_hint="multiply")
+    return ctx.emit(_BINARY[node.op](a, b))
+
+
+def _rounded_multiply(a, b):
+    """Broadcast float ``a * b``, its product rounded on its own.
+
+    The IR (like ONNX and the interpreter) rounds every op's result. TVM builds with LLVM's
+    ``AllowFPOpFusion = Fast``, so a product that feeds an add in the same fused kernel would
+    become one ``fma``, rounded once: a 1-ulp difference that flips quantization codes
+    downstream (e.g. ``MatMulInteger -> Mul(scale) -> Add(bias)`` before a
+    ``DynamicQuantizeLinear``). ``llvm.arithmetic.fence`` keeps the product out of any
+    contraction and compiles to nothing on x86 and aarch64.
+    """
+    product = topi.multiply(a, b)
+    return te.compute(product.shape, lambda *i: tirx.call_llvm_pure_intrin(product.dtype, "llvm.arithmetic.fence",
+                                                                             product(*i)), name="rounded_multiply")
 
 
 def _unary(ctx, node):
     return ctx.emit(_UNARY[node.op](ctx.get(node.inputs[0])))
+
+
+def _erf(ctx, node):
+    """onnxruntime's erf (:func:`.mlas_float_kernels.erf_compute`), elementwise and fusable."""
+    return ctx.bb.emit_te(mlas_float_kernels.erf_compute, ctx.get(node.inputs[0]), primfunc_name_hint="erf")
 
 
 def _identity(ctx, node):
@@ -191,7 +214,13 @@ def _gelu(ctx, node):
     if approx not in ("none", "tanh"):
         raise UnsupportedOpError(node.op, node.name, f"approximate={approx!r}")
     x = ctx.get(node.inputs[0])
-    return ctx.emit(R.nn.gelu(x) if approx == "none" else R.nn.gelu_tanh(x))
+    if approx == "tanh":
+        return ctx.emit(R.nn.gelu_tanh(x))
+    # 0.5 * x * (1 + erf(x / sqrt(2))) with onnxruntime's erf, as the interpreter computes it
+    scaled = ctx.emit(R.divide(x, relax.const(np.float32(np.sqrt(2)), "float32")))
+    erf = ctx.bb.emit_te(mlas_float_kernels.erf_compute, scaled, primfunc_name_hint="erf")
+    one_plus = ctx.emit(R.add(relax.const(np.float32(1), "float32"), erf))
+    return ctx.emit(R.multiply(ctx.emit(R.multiply(relax.const(np.float32(0.5), "float32"), x)), one_plus))
 
 
 def _cast(ctx, node):
@@ -200,17 +229,43 @@ def _cast(ctx, node):
 
 # ---------------------------------------------------------------------------- reductions
 def _softmax(ctx, node):
-    return ctx.emit(R.nn.softmax(ctx.get(node.inputs[0]), axis=int(_attr(node, "axis", -1))))
+    """Softmax along one axis: onnxruntime's rounding (:mod:`.mlas_float_kernels`) on the rows."""
+    x = ctx.get(node.inputs[0])
+    shape = list(_shape(x))
+    axis = int(_attr(node, "axis", -1)) % len(shape)
+    last = axis == len(shape) - 1
+    order = [d for d in range(len(shape)) if d != axis] + [axis]
+    moved = x if last else ctx.emit(R.permute_dims(x, order))
+    moved_shape = [shape[d] for d in order]
+    rows, n = math.prod(moved_shape[:-1]), moved_shape[-1]
+    y = ctx.call_kernel("softmax_kernel", (rows, n), [ctx.emit(R.reshape(moved, (rows, n)))], (rows, n),
+                        builders=mlas_float_kernels)
+    y = ctx.emit(R.reshape(y, moved_shape))
+    return y if last else ctx.emit(R.permute_dims(y, [order.index(d) for d in range(len(shape))]))
 
 
 def _layer_norm(ctx, node):
+    """LayerNorm over axes ``axis..last``: onnxruntime's rounding (:mod:`.mlas_float_kernels`) per row.
+
+    Rows shorter than the kernel's eight lanes (onnxruntime's scalar Welford path) keep TVM's
+    ``layer_norm``; :mod:`qcompile.mlas_float` documents the difference.
+    """
     x, scale = ctx.get(node.inputs[0]), ctx.get(node.inputs[1])
-    rank = len(_shape(x))
-    axis = int(_attr(node, "axis", -1)) % rank
+    shape = _shape(x)
+    axis = int(_attr(node, "axis", -1)) % len(shape)
     has_bias = len(node.inputs) > 2 and node.inputs[2]
     bias = ctx.get(node.inputs[2]) if has_bias else relax.const(np.zeros(_shape(scale), str(scale.ty.dtype)))
     eps = float(_attr(node, "epsilon", 1e-5))
-    return ctx.emit(R.nn.layer_norm(x, scale, bias, axes=list(range(axis, rank)), epsilon=eps))
+    rows, n = math.prod(shape[:axis]), math.prod(shape[axis:])
+    if n < mlas_float_kernels.LN_LANES:
+        return ctx.emit(R.nn.layer_norm(x, scale, bias, axes=list(range(axis, len(shape))), epsilon=eps))
+
+    def flat(v):
+        return ctx.emit(R.reshape(ctx.emit(R.broadcast_to(v, shape[axis:])), (n,)))
+
+    y = ctx.call_kernel("layer_norm_kernel", (rows, n, eps), [ctx.emit(R.reshape(x, (rows, n))), flat(scale), flat(bias)],
+                        (rows, n), builders=mlas_float_kernels)
+    return ctx.emit(R.reshape(y, shape))
 
 
 _REDUCE = {"ReduceMean": R.mean, "ReduceSum": R.sum, "ReduceMax": R.max, "ReduceMin": R.min}
@@ -408,6 +463,7 @@ _POOL_ATTRS = {"kernel_shape", "strides", "pads", "ceil_mode", "count_include_pa
 _RULES = MappingProxyType({
     **{op: (_binary, frozenset()) for op in _BINARY},
     **{op: (_unary, frozenset()) for op in _UNARY},
+    "Erf": (_erf, frozenset()),
     "Identity": (_identity, frozenset()),
     "Reciprocal": (_reciprocal, frozenset()),
     "Where": (_where, frozenset()),

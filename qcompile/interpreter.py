@@ -16,6 +16,7 @@ import scipy.special
 
 from .errors import InputError, InvariantError, UnsupportedOpError
 from .ir import Graph, Node
+from . import mlas_float
 from .interpreter_qoperator import QOPERATOR_KERNELS
 from .interpreter_quant import QUANT_KERNELS
 from .interpreter_int8 import INT8_KERNELS
@@ -92,6 +93,8 @@ def _pow(a, b):
 
 
 def _erf(x):
+    if x.dtype == np.float32:
+        return mlas_float.erf(x)
     return scipy.special.erf(x).astype(x.dtype)
 
 
@@ -152,18 +155,12 @@ def _cast(g, n, a):
 
 # ---------------------------------------------------------------------------- normalisation
 def _softmax(g, n, a):
-    x, axis = a[0], n.attrs["axis"]
-    e = np.exp(x - np.max(x, axis=axis, keepdims=True))
-    return (e / np.sum(e, axis=axis, keepdims=True)).astype(x.dtype)
+    return mlas_float.softmax(a[0], n.attrs["axis"]).astype(a[0].dtype)
 
 
 def _layer_norm(g, n, a):
     x, scale, bias = a[0], a[1], a[2] if len(a) > 2 else None
-    axes = tuple(range(n.attrs["axis"] % x.ndim, x.ndim))
-    mean = np.mean(x, axis=axes, keepdims=True)
-    var = np.mean(np.square(x - mean), axis=axes, keepdims=True)
-    y = (x - mean) / np.sqrt(var + np.float32(n.attrs.get("epsilon", 1e-5))) * scale
-    return (y + bias if bias is not None else y).astype(x.dtype)
+    return mlas_float.layer_norm(x, scale, bias, n.attrs.get("epsilon", 1e-5), n.attrs["axis"]).astype(x.dtype)
 
 
 def _reduce(fn):
