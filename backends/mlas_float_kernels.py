@@ -36,7 +36,9 @@ def _add(a, b):
 
 
 def _mul(a, b):
-    return _f32(_f64(a) * _f64(b))
+    """A float32 product rounded on its own: LLVM shrinks the float64 form back to a float32
+    multiply, which an add could then absorb into an fma; the fence forbids that."""
+    return tirx.call_llvm_pure_intrin("float32", "llvm.arithmetic.fence", _f32(_f64(a) * _f64(b)))
 
 
 def _div(a, b):
@@ -57,6 +59,7 @@ def layer_norm_kernel(rows: int, n: int, epsilon: float, target=None) -> tirx.Pr
     if n < LN_LANES:
         raise ValueError(f"layer_norm_kernel needs rows of at least {LN_LANES} elements, got {n}")
     body = n - n % LN_LANES
+    quads = body + (n - body) // 4 * 4
     eps = _c(epsilon)
 
     @T.prim_func(private=True, check_well_formed=False)  # the root sblock (see below)
@@ -83,7 +86,10 @@ def layer_norm_kernel(rows: int, n: int, epsilon: float, target=None) -> tirx.Pr
                 for lane in range(2):
                     lanes[lane] = _add(lanes[lane], lanes[lane + 2])
                 lanes[0] = _add(lanes[0], lanes[1])
-                for k in range(body, n):
+                for k in range(body, quads):
+                    d = _add(x[i, k], -stat[0])
+                    lanes[0] = _add(lanes[0], _mul(d, d))
+                for k in range(quads, n):
                     d = _add(x[i, k], -stat[0])
                     lanes[0] = _fma(d, d, lanes[0])
                 stat[1] = _div(T.float32(1), _f32(T.sqrt(_f64(_add(_div(lanes[0], T.float32(n)), eps)))))
@@ -144,6 +150,7 @@ def erf_compute(x: te.Tensor) -> te.Tensor:
 
     def body(*idx):
         v = x(*idx)
+        negative = T.reinterpret("int32", v) < 0  # the sign bit: erf(-0.0) is -0.0
         a = T.min(T.abs(v), _c(c["upper_abs"]))
         square = _mul(a, a)
         p = _c(c["small"][0])
@@ -163,6 +170,6 @@ def erf_compute(x: te.Tensor) -> te.Tensor:
         two_k = T.reinterpret("float32", T.shift_left(T.Cast("int32", k) + 127, 23))
         big = _add(T.float32(1), -_mul(e, two_k))
         r = T.Select(a >= _c(c["split"]), big, p)
-        return T.Select(v < T.float32(0), -r, r)
+        return T.Select(negative, -r, r)
 
     return te.compute(x.shape, body, name="mlas_erf")

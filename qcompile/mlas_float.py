@@ -14,7 +14,8 @@ LayerNorm over rows of ``n`` elements (MLAS ``LayerNormF32`` AVX2 kernel, ``n >=
 * ``d = x - mean`` (float32); ``ss``: eight float32 lanes, lane ``l`` accumulating
   ``fma(d[8k+l], d[8k+l], ss_l)`` for ``k = 0, 1, ...``; lanes reduced as halves
   ``(l, l+4)``, then ``(l, l+2)``, then ``(0, 1)``; the ``n mod 8`` tail elements are then
-  added one after the other with ``fma``;
+  added one after the other: a block of four as ``ss + d * d`` (both operations rounded),
+  the last ``n mod 4`` with ``fma``;
 * ``inv = 1 / sqrt(ss / n + eps)`` (float32, each operation rounded);
 * ``y = fma(d * inv, gamma, beta)``.
 
@@ -119,7 +120,10 @@ def _layer_norm_rows(rows, gamma, beta, eps):
         half = lanes.shape[1] // 2
         lanes = lanes[:, :half] + lanes[:, half:]
     ss = lanes[:, 0]
-    for k in range(body, n):
+    quads = body + (n - body) // 4 * 4
+    for k in range(body, quads):
+        ss = ss + d[:, k] * d[:, k]
+    for k in range(quads, n):
         ss = fma32(d[:, k], d[:, k], ss)
     inv = (_F32(1) / np.sqrt(ss / _F32(n) + eps))[:, None]
     return fma32(d * inv, gamma, beta)
