@@ -43,10 +43,12 @@ older MLAS clamped at 3.725):
   a degree-6 polynomial, times ``2**k`` (a plain multiply: ``k >= -21`` here);
 * the sign of ``x`` copied onto the result.
 
-A float32 ``fma`` is emulated as ``float32(float64(a) * b + c)``: the product of two float32
-is exact in float64, so only the double rounding of the sum (probability ~2**-29 per
-operation) can differ from a true fma. The TIR kernels (:mod:`backends.mlas_float_kernels`)
-compute the same expressions the same way, so the interpreter and compiled code agree exactly.
+A float32 ``fma`` is computed in float64, where the product of two float32 is exact; the one
+case where rounding the float64 sum to float32 differs from rounding the exact sum (a sum that
+float64 rounded onto a float32 halfway point) is detected with the sum's exact error (TwoSum)
+and corrected, so :func:`fma32` is the fma instruction bit for bit. The TIR kernels
+(:mod:`qcompile.backends.mlas_float_kernels`) use that instruction, so interpreter and compiled
+code agree exactly.
 """
 from __future__ import annotations
 
@@ -89,9 +91,21 @@ _F32, _F64 = np.float32, np.float64
 
 
 def fma32(a, b, c) -> np.ndarray:
-    """float32 ``a * b + c`` with (almost always) a single rounding; see the module docstring."""
-    return (np.asarray(a, _F32).astype(_F64) * np.asarray(b, _F32).astype(_F64)
-            + np.asarray(c, _F32).astype(_F64)).astype(_F32)
+    """float32 ``a * b + c`` rounded once, as the fma instruction (see the module docstring)."""
+    a, b, c = (np.asarray(v, _F32).astype(_F64) for v in (a, b, c))
+    product = a * b  # exact: 24 + 24 bits
+    total = product + c
+    bent = total - product  # TwoSum: total + error == product + c exactly
+    error = (product - (total - bent)) + (c - bent)
+    rounded = total.astype(_F32)
+    gap = total - rounded.astype(_F64)  # exact
+    toward = np.where(gap > 0, _F32(np.inf), _F32(-np.inf))
+    neighbour = np.nextafter(rounded, toward)
+    halfway = (gap != 0) & (2 * gap == neighbour.astype(_F64) - rounded.astype(_F64))
+    # float64 landed exactly between two float32 and its own rounding error says which side
+    # the exact value lies on: the float32 rounding of the exact value is the neighbour
+    fix = halfway & (error != 0) & ((error > 0) == (gap > 0))
+    return np.where(fix, neighbour, rounded)
 
 
 # ---------------------------------------------------------------------------- LayerNorm
