@@ -12,7 +12,7 @@ Pipeline (:func:`relax_pipeline`), in order:
    :class:`CPUFallback` (inline, parallelise outer loops, vectorise the innermost one);
 4. the default CPU dataflow lowering and finalisation passes.
 
-Before 1, :data:`FastMath` swaps exp/erf/tanh/sigmoid/gelu/softmax for TVM's vectorisable
+Before 1, :data:`FastMath` swaps exp/tanh/sigmoid/gelu_tanh for TVM's vectorisable
 polynomial versions (libm calls per lane were 15-60x slower). The target sets
 ``fast-math-reassoc`` only (never ``nnan``/``ninf``: IsNaN and -inf masks must work).
 
