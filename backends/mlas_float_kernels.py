@@ -19,22 +19,22 @@ from tvm.script import tirx as T
 
 from qcompile.mlas_float import ERF_CONSTANTS, EXP_CONSTANTS, LN_LANES, SOFTMAX_LANES
 
-__all__ = ["layer_norm_kernel", "softmax_kernel", "erf_compute", "LN_LANES"]
+__all__ = ["layer_norm_kernel", "softmax_kernel", "erf_compute", "fence", "LN_LANES"]
 
 _F32_LOWEST = -3.4028234663852886e38
 
 
-def _fence(v):
+def fence(v, dtype: str = "float32"):
     """``v`` as computed: never fused into an fma, never reassociated with its neighbours."""
-    return tirx.call_llvm_pure_intrin("float32", "llvm.arithmetic.fence", v)
+    return tirx.call_llvm_pure_intrin(dtype, "llvm.arithmetic.fence", v)
 
 
 def _add(a, b):
-    return _fence(a + b)
+    return fence(a + b)
 
 
 def _mul(a, b):
-    return _fence(a * b)
+    return fence(a * b)
 
 
 def _fma(a, b, c):
@@ -75,7 +75,7 @@ def layer_norm_kernel(rows: int, n: int, epsilon: float, target=None) -> tirx.Pr
                     lanes[lane] = T.float32(0)
                 for j in range(blocks):
                     for lane in T.vectorized(LN_LANES):  # no Let inside: expressions inline
-                        lanes[lane] = _fence(_fma(_add(x[i, j * LN_LANES + lane], -stat[0]),
+                        lanes[lane] = fence(_fma(_add(x[i, j * LN_LANES + lane], -stat[0]),
                                                   _add(x[i, j * LN_LANES + lane], -stat[0]), lanes[lane]))
                 for lane in range(4):
                     lanes[lane] = _add(lanes[lane], lanes[lane + 4])
@@ -87,8 +87,8 @@ def layer_norm_kernel(rows: int, n: int, epsilon: float, target=None) -> tirx.Pr
                     lanes[0] = _add(lanes[0], _mul(d, d))
                 for k in range(quads, n):
                     d = _add(x[i, k], -stat[0])
-                    lanes[0] = _fence(_fma(d, d, lanes[0]))
-                stat[1] = _fence(T.float32(1) / T.sqrt(_add(_fence(lanes[0] / T.float32(n)), eps)))
+                    lanes[0] = fence(_fma(d, d, lanes[0]))
+                stat[1] = fence(T.float32(1) / T.sqrt(_add(fence(lanes[0] / T.float32(n)), eps)))
                 for j in range(blocks):
                     for lane in T.vectorized(LN_LANES):
                         y[i, j * LN_LANES + lane] = _fma(_mul(_add(x[i, j * LN_LANES + lane], -stat[0]), stat[1]),
@@ -155,7 +155,7 @@ def softmax_kernel(rows: int, n: int, target=None) -> tirx.PrimFunc:
                     lanes[lane] = _add(lanes[lane], lanes[lane + 8])
                 for lane in range(4):
                     lanes[lane] = _add(lanes[2 * lane], lanes[2 * lane + 1])
-                stat[1] = _fence(T.float32(1) / _add(_add(lanes[0], lanes[1]), _add(lanes[2], lanes[3])))
+                stat[1] = fence(T.float32(1) / _add(_add(lanes[0], lanes[1]), _add(lanes[2], lanes[3])))
                 for j in range(blocks):
                     for lane in T.vectorized(SOFTMAX_LANES):
                         y[i, j * SOFTMAX_LANES + lane] = _mul(y[i, j * SOFTMAX_LANES + lane], stat[1])

@@ -28,7 +28,7 @@ from types import MappingProxyType
 
 import numpy as np
 import tvm
-from tvm import relax, te, tirx, topi
+from tvm import relax, te, topi
 
 from qcompile.errors import InvariantError, UnsupportedOpError
 from qcompile.ir import Graph, Node
@@ -172,17 +172,21 @@ def _rounded_multiply(a, b):
     contraction and compiles to nothing on x86 and aarch64.
     """
     product = topi.multiply(a, b)
-    return te.compute(product.shape, lambda *i: tirx.call_llvm_pure_intrin(product.dtype, "llvm.arithmetic.fence",
-                                                                             product(*i)), name="rounded_multiply")
+    return te.compute(product.shape, lambda *i: mlas_float_kernels.fence(product(*i), product.dtype),
+                      name="rounded_multiply")
 
 
 def _unary(ctx, node):
     return ctx.emit(_UNARY[node.op](ctx.get(node.inputs[0])))
 
 
-def _erf(ctx, node):
+def _emit_erf(ctx, x):
     """onnxruntime's erf (:func:`.mlas_float_kernels.erf_compute`), elementwise and fusable."""
-    return ctx.bb.emit_te(mlas_float_kernels.erf_compute, ctx.get(node.inputs[0]), primfunc_name_hint="erf")
+    return ctx.bb.emit_te(mlas_float_kernels.erf_compute, x, primfunc_name_hint="erf")
+
+
+def _erf(ctx, node):
+    return _emit_erf(ctx, ctx.get(node.inputs[0]))
 
 
 def _identity(ctx, node):
@@ -218,7 +222,7 @@ def _gelu(ctx, node):
         return ctx.emit(R.nn.gelu_tanh(x))
     # 0.5 * x * (1 + erf(x / sqrt(2))) with onnxruntime's erf, as the interpreter computes it
     scaled = ctx.emit(R.divide(x, relax.const(np.float32(np.sqrt(2)), "float32")))
-    erf = ctx.bb.emit_te(mlas_float_kernels.erf_compute, scaled, primfunc_name_hint="erf")
+    erf = _emit_erf(ctx, scaled)
     one_plus = ctx.emit(R.add(relax.const(np.float32(1), "float32"), erf))
     return ctx.emit(R.multiply(ctx.emit(R.multiply(relax.const(np.float32(0.5), "float32"), x)), one_plus))
 
